@@ -1,0 +1,127 @@
+"""Backend registry: which implementations exist here, which one an op runs on, and the contract they share.
+
+A backend is a module exposing ``NAME``, ``is_available()`` and these functions.  Conventions (checked and
+normalised by ``bnn_kernels.ops`` before any backend runs, so backends never validate):
+
+* ``x`` is 2-D ``(M, K)`` and contiguous, float32/float16/bfloat16; ``mu`` and ``rho`` are ``(N, K)``, contiguous,
+  one floating dtype; ``bias`` is ``(N,)`` or None; ``prior_mu`` is ``(N, K)`` (any float dtype) or None;
+  ``seed`` is a 0-dim int64 tensor on the inputs' device; ``prior_sigma`` a float; ``sigma_param`` and
+  ``estimator`` valid names.
+* The weight noise is ``philox_normal(seed, mu.numel())`` viewed as ``mu.shape`` (reparam); the output noise
+  is ``philox_normal(seed, M * N)`` viewed as ``(M, N)`` (lrt).  The weight sample / sigma^2 are formed in
+  float32 and cast to x's dtype for the GEMM (to bfloat16 for the lrt variance GEMM when x is float16);
+  accumulation is float32.
+
+``philox_normal(seed, numel, offset, device) -> float32 (numel,)``
+``gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param) -> float32 ()``
+``gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param) -> (dmu, drho)`` in mu's dtype
+``linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator) -> (y, kl, std)``:
+    y ``(M, N)`` in x's dtype (bias added), kl float32 (), std ``(M, N)`` in x's dtype for lrt (the output
+    standard deviation, kept for backward) or an empty tensor for reparam.
+``linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param, estimator, need_dx)
+    -> (dx or None, dmu, drho)``: grad_y contiguous ``(M, N)`` in x's dtype, grad_kl float32 ();
+    dmu/drho include the KL gradient scaled by grad_kl.  The bias gradient is grad_y.sum(0), taken by ops.
+
+Backward formulas (s = sigma_from_rho, s' its derivative: sigmoid(rho) for softplus, [rho >= 1e-7] for direct;
+g = grad_y, gk = grad_kl, pm = prior_mu or 0, ps = prior_sigma):
+    KL gradients:  dKL/dmu = (mu - pm) / ps^2 ;  dKL/dsigma = -1/sigma + sigma / ps^2
+    reparam:  eps = noise, W = mu + sigma * eps;  dx = g @ W;  G = g^T @ x
+              dmu = G + gk * dKL/dmu ;  drho = (G * eps + gk * dKL/dsigma) * s'(rho)
+    lrt:      xi = noise (M, N);  u = g * xi / (2 * std)  (0 where std == 0)
+              dx = g @ mu + 2 * x * (u @ sigma^2) ;  dmu = g^T @ x + gk * dKL/dmu
+              drho = (2 * sigma * (u^T @ x^2) + gk * dKL/dsigma) * s'(rho)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+from types import ModuleType
+
+import torch
+
+ALL_BACKENDS = ("cuda", "triton", "cpu", "reference")
+_MODULES = {
+    "cuda": "bnn_kernels.cuda_backend",
+    "triton": "bnn_kernels.triton",
+    "cpu": "bnn_kernels.cpu_backend",
+    "reference": "bnn_kernels.reference",
+}
+_forced = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str):
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError:
+        return None
+
+
+def get(name: str) -> ModuleType:
+    """The module of backend ``name``; ValueError if unknown or unusable here."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {ALL_BACKENDS}, got {name!r}")
+    module = _load(name)
+    if module is None or not module.is_available():
+        raise ValueError(f"backend {name!r} is not usable here; usable backends: {backends()}")
+    return module
+
+
+def backends() -> list[str]:
+    """Names of the backends usable on this machine, fastest first."""
+    usable = []
+    for name in ALL_BACKENDS:
+        module = _load(name)
+        if module is not None and module.is_available():
+            usable.append(name)
+    return usable
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force every op inside the block onto backend ``name`` (ValueError if unusable here)."""
+    get(name)
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def forced_backend():
+    return getattr(_forced, "name", None)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` takes tensors on ``device``."""
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+
+
+def select(device: torch.device) -> str:
+    """The backend an op on ``device`` runs on: the forced one, else the fastest usable for that device."""
+    forced = forced_backend()
+    if forced is not None:
+        if not runs_on(forced, device):
+            hint = " (set TRITON_INTERPRET=1 before importing triton)" if forced == "triton" else ""
+            raise ValueError(f"backend {forced!r} cannot run on {device.type} tensors{hint}")
+        return forced
+    preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    usable = backends()
+    for name in preference:
+        if name in usable:
+            return name
+    return "reference"

@@ -1,0 +1,29 @@
+"""sigma = s(rho), its derivative, and the closed-form Gaussian KL: the formulas every backend implements.
+
+These torch versions are what the reference backend and the test oracle run; the C++ and Triton kernels
+implement the same formulas.  Everything is evaluated in the dtype of its inputs (the oracle passes float64).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SIGMA_PARAMS = ("softplus", "direct")
+ESTIMATORS = ("reparam", "lrt")
+MIN_SIGMA = 1e-7  # the "direct" parameterisation clamps sigma here, as the paper does
+
+
+def sigma_from_rho(rho: torch.Tensor, sigma_param: str) -> torch.Tensor:
+    """sigma = softplus(rho) or, for "direct", rho clamped at MIN_SIGMA (gradient 0 below the clamp)."""
+    if sigma_param == "softplus":
+        return F.softplus(rho)
+    return torch.clamp_min(rho, MIN_SIGMA)
+
+
+def gaussian_kl_terms(mu: torch.Tensor, sigma: torch.Tensor, prior_mu, prior_sigma: float) -> torch.Tensor:
+    """Elementwise KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)); prior_mu None means 0."""
+    diff = mu if prior_mu is None else mu - prior_mu.to(mu.dtype)
+    return (math.log(prior_sigma) - torch.log(sigma)
+            + (sigma * sigma + diff * diff) / (2.0 * prior_sigma * prior_sigma) - 0.5)
