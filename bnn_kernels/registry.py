@@ -37,7 +37,6 @@ import contextlib
 import functools
 import importlib
 import os
-import threading
 from types import ModuleType
 
 import torch
@@ -49,7 +48,7 @@ _MODULES = {
     "cpu": "bnn_kernels.cpu_backend",
     "reference": "bnn_kernels.reference",
 }
-_forced = threading.local()
+_forced_name = None  # a plain global: torch.compile guards on it cheaply
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,17 +82,18 @@ def backends() -> list[str]:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force every op inside the block onto backend ``name`` (ValueError if unusable here)."""
+    global _forced_name
     get(name)
-    previous = getattr(_forced, "name", None)
-    _forced.name = name
+    previous = _forced_name
+    _forced_name = name
     try:
         yield
     finally:
-        _forced.name = previous
+        _forced_name = previous
 
 
 def forced_backend():
-    return getattr(_forced, "name", None)
+    return _forced_name
 
 
 def triton_interpreted() -> bool:
