@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .rng import philox_normal_reference
-from .sigma import gaussian_kl_terms, sigma_from_rho
+from .sigma import MIN_SIGMA, gaussian_kl_terms, sigma_from_rho
 
 NAME = "reference"
 
@@ -55,30 +55,58 @@ def bayes_linear_materialised(x, mu, rho, bias, seed, prior_mu=None, prior_sigma
     return y, kl
 
 
-# --- the reference backend (2-D x, the conventions of bnn_kernels.backends) --------------------------------------
+# --- the reference backend (2-D x, the conventions of bnn_kernels.registry) ---------------------------------------
+# Custom ops run below autograd, so the backward is written out with the formulas of bnn_kernels.registry; the
+# tests check these against autograd through ``bayes_linear_materialised``.
+
+def _sigma_and_kl_grads(mu, rho, prior_mu, prior_sigma, sigma_param, grad_kl):
+    """sigma, s'(rho), and gk * dKL/dmu, gk * dKL/dsigma, all in float32 at least."""
+    acc = torch.promote_types(mu.dtype, torch.float32)
+    mu_, rho_ = mu.to(acc), rho.to(acc)
+    sigma = sigma_from_rho(rho_, sigma_param)
+    dsigma_drho = torch.sigmoid(rho_) if sigma_param == "softplus" else (rho_ >= MIN_SIGMA).to(acc)
+    diff = mu_ if prior_mu is None else mu_ - prior_mu.to(acc)
+    gk = grad_kl.to(acc)
+    return sigma, dsigma_drho, gk * diff / prior_sigma**2, gk * (sigma / prior_sigma**2 - 1.0 / sigma)
+
 
 def gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param):
     return gaussian_kl(mu, rho, prior_mu, prior_sigma, sigma_param).float()
 
 
 def gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param):
-    with torch.enable_grad():
-        mu_, rho_ = mu.detach().requires_grad_(), rho.detach().requires_grad_()
-        kl = gaussian_kl(mu_, rho_, prior_mu, prior_sigma, sigma_param)
-        return torch.autograd.grad(kl, (mu_, rho_), grad_kl.to(kl.dtype))
+    _, dsigma_drho, kl_dmu, kl_dsigma = _sigma_and_kl_grads(mu, rho, prior_mu, prior_sigma, sigma_param, grad_kl)
+    return kl_dmu.to(mu.dtype), (kl_dsigma * dsigma_drho).to(rho.dtype)
 
 
 def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator):
-    with torch.no_grad():
-        y, kl = bayes_linear_materialised(x, mu, rho, bias, seed, prior_mu, prior_sigma, sigma_param, estimator)
+    y, kl = bayes_linear_materialised(x, mu, rho, bias, seed, prior_mu, prior_sigma, sigma_param, estimator)
     return y, kl.float(), x.new_empty(0)
 
 
 def linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param, estimator, need_dx):
-    with torch.enable_grad():
-        x_ = x.detach().requires_grad_(need_dx)
-        mu_, rho_ = mu.detach().requires_grad_(), rho.detach().requires_grad_()
-        y, kl = bayes_linear_materialised(x_, mu_, rho_, None, seed, prior_mu, prior_sigma, sigma_param, estimator)
-        inputs = (x_, mu_, rho_) if need_dx else (mu_, rho_)
-        grads = torch.autograd.grad((y, kl), inputs, (grad_y, grad_kl.to(kl.dtype)))
-    return grads if need_dx else (None, *grads)
+    sigma, dsigma_drho, kl_dmu, kl_dsigma = _sigma_and_kl_grads(mu, rho, prior_mu, prior_sigma, sigma_param,
+                                                                grad_kl)
+    acc = sigma.dtype
+    g, x_ = grad_y.to(acc), x.to(acc)
+    dx = None
+    if estimator == "reparam":
+        eps = philox_normal_reference(seed, mu.numel(), 0, mu.device).view(mu.shape).to(acc)
+        weight = (mu.to(acc) + sigma * eps).to(x.dtype).to(acc)
+        if need_dx:
+            dx = g @ weight
+        grad_weight = g.t() @ x_
+        dmu = grad_weight + kl_dmu
+        dsigma = grad_weight * eps + kl_dsigma
+    else:
+        x_sq = x_ * x_
+        var = x_sq @ (sigma * sigma).t()
+        std_ = torch.sqrt(var)
+        xi = philox_normal_reference(seed, var.numel(), 0, var.device).view(var.shape).to(acc)
+        u = torch.where(std_ > 0, g * xi / (2.0 * std_), torch.zeros_like(std_))
+        if need_dx:
+            dx = g @ mu.to(x.dtype).to(acc) + 2.0 * x_ * (u @ (sigma * sigma))
+        dmu = g.t() @ x_ + kl_dmu
+        dsigma = 2.0 * sigma * (u.t() @ x_sq) + kl_dsigma
+    drho = dsigma * dsigma_drho
+    return (None if dx is None else dx.to(x.dtype)), dmu.to(mu.dtype), drho.to(rho.dtype)

@@ -111,8 +111,12 @@ def runs_on(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
+@torch.compiler.assume_constant_result
 def select(device: torch.device) -> str:
-    """The backend an op on ``device`` runs on: the forced one, else the fastest usable for that device."""
+    """The backend an op on ``device`` runs on: the forced one, else the fastest usable for that device.
+
+    torch.compile evaluates this once while tracing and bakes the answer into the graph.
+    """
     forced = forced_backend()
     if forced is not None:
         if not runs_on(forced, device):

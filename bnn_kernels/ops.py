@@ -1,0 +1,299 @@
+"""Public functional API: argument checks, backend dispatch, and the torch.library custom ops with their autograd.
+
+Every public function validates its arguments (raising ValueError/TypeError that name the argument) before any
+kernel launches, flattens leading dims, picks a backend (``bnn_kernels.registry.select``) and calls a custom op
+``torch.ops.bnn.*``.  The custom ops carry fake implementations, so ``torch.compile(fullgraph=True)`` traces
+through them, and take the seed as a 0-dim int64 tensor, so a new seed each step does not recompile.
+
+Memory contract: the autograd graph keeps only the op's inputs (already alive), the seed and, for the lrt
+estimator, the output standard deviation (output-sized).  Backward regenerates the noise from the seed.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import registry
+from .sigma import ESTIMATORS, SIGMA_PARAMS
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SeedLike = Union[int, torch.Tensor]
+_debug_checks = False
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Turn on checks that need a device sync (non-finite values in x, mu, rho); off by default."""
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------------------------
+
+def _seed_tensor(seed: SeedLike, device: torch.device) -> torch.Tensor:
+    """The seed as a 0-dim int64 tensor on ``device``."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64:
+            raise TypeError(f"seed must be an int or a 0-dim int64 tensor, got a tensor of shape "
+                            f"{tuple(seed.shape)} and dtype {seed.dtype}")
+        return seed.to(device)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or a 0-dim int64 tensor, got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
+def _check_float(name: str, tensor, allowed=SUPPORTED_DTYPES) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in allowed:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {tensor.dtype}")
+
+
+def _check_same_device(device: torch.device, **tensors) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but mu is on {device}: all tensors must share a device")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_prior_sigma(prior_sigma) -> float:
+    if isinstance(prior_sigma, bool) or not isinstance(prior_sigma, numbers.Real):
+        raise TypeError(f"prior_sigma must be a positive float, got {type(prior_sigma).__name__}")
+    prior_sigma = float(prior_sigma)
+    if not (prior_sigma > 0 and math.isfinite(prior_sigma)):
+        raise ValueError(f"prior_sigma must be a positive finite float, got {prior_sigma}")
+    return prior_sigma
+
+
+def _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param) -> float:
+    """Checks shared by every op: mu/rho/prior_mu shapes, dtypes, devices; returns prior_sigma as float."""
+    _check_float("mu", mu)
+    _check_float("rho", rho)
+    if rho.shape != mu.shape:
+        raise ValueError(f"rho must have mu's shape {tuple(mu.shape)}, got {tuple(rho.shape)}")
+    if rho.dtype != mu.dtype:
+        raise ValueError(f"rho must have mu's dtype {mu.dtype}, got {rho.dtype}")
+    if prior_mu is not None:
+        _check_float("prior_mu", prior_mu)
+        if prior_mu.shape != mu.shape:
+            raise ValueError(f"prior_mu must have mu's shape {tuple(mu.shape)}, got {tuple(prior_mu.shape)}")
+    _check_same_device(mu.device, rho=rho, prior_mu=prior_mu)
+    _check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
+    return _check_prior_sigma(prior_sigma)
+
+
+def _check_finite(**tensors) -> None:
+    if not _debug_checks:
+        return
+    for name, tensor in tensors.items():
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def _grad_or_none(tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if tensor.numel() == 0 else tensor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# philox_normal
+# --------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("bnn::philox_normal", mutates_args=())
+def _philox_normal_op(seed: torch.Tensor, numel: int, offset: int, backend: str) -> torch.Tensor:
+    return registry.get(backend).philox_normal(seed, numel, offset, seed.device)
+
+
+@_philox_normal_op.register_fake
+def _(seed, numel, offset, backend):
+    return seed.new_empty((numel,), dtype=torch.float32)
+
+
+def philox_normal(seed: SeedLike, shape: Sequence[int], *, offset: int = 0, device=None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normal numbers ``offset .. offset + numel - 1`` of Philox stream ``seed``, shaped ``shape``.
+
+    Element with row-major flat index i gets ``tl.randn(seed, offset + i)``: the same numbers on every backend.
+    """
+    if isinstance(shape, numbers.Integral):
+        shape = (int(shape),)
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must have non-negative sizes, got {shape}")
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    numel = math.prod(shape)
+    if offset + numel > 2**63:
+        raise ValueError(f"offset + numel must stay below 2**63, got {offset} + {numel}")
+    _check_choice("dtype", dtype, SUPPORTED_DTYPES + (torch.float64,))
+    if device is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    seed_t = _seed_tensor(seed, device)
+    out = _philox_normal_op(seed_t, numel, int(offset), registry.select(device))
+    return out.view(shape).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gaussian_kl
+# --------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("bnn::gaussian_kl", mutates_args=())
+def _gaussian_kl_op(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torch.Tensor], prior_sigma: float,
+                    sigma_param: str, backend: str) -> torch.Tensor:
+    return registry.get(backend).gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param)
+
+
+@_gaussian_kl_op.register_fake
+def _(mu, rho, prior_mu, prior_sigma, sigma_param, backend):
+    return mu.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("bnn::gaussian_kl_backward", mutates_args=())
+def _gaussian_kl_backward_op(grad_kl: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor,
+                             prior_mu: Optional[torch.Tensor], prior_sigma: float, sigma_param: str,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dmu, drho = registry.get(backend).gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param)
+    return dmu.contiguous(), drho.contiguous()
+
+
+@_gaussian_kl_backward_op.register_fake
+def _(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param, backend):
+    return torch.empty_like(mu), torch.empty_like(rho)
+
+
+def _gaussian_kl_setup(ctx, inputs, output):
+    mu, rho, prior_mu, prior_sigma, sigma_param, backend = inputs
+    ctx.save_for_backward(mu, rho, prior_mu)
+    ctx.config = (prior_sigma, sigma_param, backend)
+
+
+def _gaussian_kl_backward(ctx, grad_kl):
+    mu, rho, prior_mu = ctx.saved_tensors
+    prior_sigma, sigma_param, backend = ctx.config
+    dmu, drho = _gaussian_kl_backward_op(grad_kl.float().contiguous(), mu, rho, prior_mu, prior_sigma,
+                                         sigma_param, backend)
+    return dmu, drho, None, None, None, None
+
+
+_gaussian_kl_op.register_autograd(_gaussian_kl_backward, setup_context=_gaussian_kl_setup)
+
+
+def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torch.Tensor] = None,
+                prior_sigma: float = 1.0, *, sigma_param: str = "softplus") -> torch.Tensor:
+    """KL(N(mu, s(rho)^2) || N(prior_mu, prior_sigma^2)) summed over elements, as a float32 0-dim tensor."""
+    prior_sigma = _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param)
+    _check_finite(mu=mu, rho=rho)
+    backend = registry.select(mu.device)
+    flat = lambda t: None if t is None else t.contiguous().view(-1)  # noqa: E731
+    return _gaussian_kl_op(flat(mu), flat(rho), flat(prior_mu), prior_sigma, sigma_param, backend)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bayes_linear
+# --------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("bnn::bayes_linear", mutates_args=())
+def _bayes_linear_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Optional[torch.Tensor],
+                     prior_mu: Optional[torch.Tensor], seed: torch.Tensor, prior_sigma: float, sigma_param: str,
+                     estimator: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, kl, std = registry.get(backend).linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param,
+                                                   estimator)
+    return y, kl, std
+
+
+@_bayes_linear_op.register_fake
+def _(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator, backend):
+    y = x.new_empty((x.shape[0], mu.shape[0]))
+    std = x.new_empty((x.shape[0], mu.shape[0]) if estimator == "lrt" and backend != "reference" else (0,))
+    return y, mu.new_empty((), dtype=torch.float32), std
+
+
+@torch.library.custom_op("bnn::bayes_linear_backward", mutates_args=())
+def _bayes_linear_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
+                              rho: torch.Tensor, prior_mu: Optional[torch.Tensor], seed: torch.Tensor,
+                              std: torch.Tensor, prior_sigma: float, sigma_param: str, estimator: str,
+                              backend: str, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dmu, drho = registry.get(backend).linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std,
+                                                      prior_sigma, sigma_param, estimator, need_dx)
+    dx = x.new_empty(0) if dx is None else dx.contiguous()
+    return dx, dmu.contiguous(), drho.contiguous()
+
+
+@_bayes_linear_backward_op.register_fake
+def _(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param, estimator, backend, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(mu), torch.empty_like(rho)
+
+
+def _bayes_linear_setup(ctx, inputs, output):
+    x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator, backend = inputs
+    ctx.save_for_backward(x, mu, rho, prior_mu, seed, output[2])
+    ctx.config = (prior_sigma, sigma_param, estimator, backend)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(output[2])
+
+
+def _bayes_linear_backward(ctx, grad_y, grad_kl, _grad_std):
+    x, mu, rho, prior_mu, seed, std = ctx.saved_tensors
+    prior_sigma, sigma_param, estimator, backend = ctx.config
+    grad_y = grad_y.to(x.dtype).contiguous()
+    dx, dmu, drho = _bayes_linear_backward_op(grad_y, grad_kl.float().contiguous(), x, mu, rho, prior_mu, seed,
+                                              std, prior_sigma, sigma_param, estimator, backend,
+                                              ctx.needs_input_grad[0])
+    dbias = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        dbias = grad_y.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return _grad_or_none(dx), dmu, drho, dbias, None, None, None, None, None, None
+
+
+_bayes_linear_op.register_autograd(_bayes_linear_backward, setup_context=_bayes_linear_setup)
+
+
+def bayes_linear(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                 seed: SeedLike, prior_mu: Optional[torch.Tensor] = None, prior_sigma: float = 1.0,
+                 sigma_param: str = "softplus", estimator: str = "reparam"):
+    """Bayesian linear layer with on-the-fly weight noise; returns ``(y, kl)``.
+
+    reparam: ``W = mu + s(rho) * philox_normal(seed, mu.shape)``, ``y = x @ W.T + bias`` (one sample per call,
+    shared by the batch).  lrt: ``y = x @ mu.T + bias + sqrt((x*x) @ s(rho)^2.T) * philox_normal(seed, y.shape)``.
+    ``kl = gaussian_kl(mu, rho, prior_mu, prior_sigma)``, produced by the same op.  ``x`` is ``(..., K)``;
+    ``mu``/``rho`` are ``(N, K)``; ``y`` is ``(..., N)`` in x's dtype and ``kl`` a float32 0-dim tensor.
+    """
+    prior_sigma = _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param)
+    _check_choice("estimator", estimator, ESTIMATORS)
+    _check_float("x", x)
+    if mu.dim() != 2:
+        raise ValueError(f"mu must be 2-D (out_features, in_features), got shape {tuple(mu.shape)}")
+    out_features, in_features = mu.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}) to match mu {tuple(mu.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    _check_same_device(mu.device, x=x, bias=bias)
+    _check_finite(x=x, mu=mu, rho=rho)
+    seed_t = _seed_tensor(seed, mu.device)
+    leading = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    # an empty batch still yields the KL; the reference backend handles zero-sized GEMMs
+    backend = registry.select(mu.device) if x2d.shape[0] > 0 else "reference"
+    y, kl, _ = _bayes_linear_op(x2d, mu.contiguous(), rho.contiguous(), bias, _contiguous(prior_mu), seed_t,
+                                prior_sigma, sigma_param, estimator, backend)
+    return y.view(*leading, out_features), kl
+
+
+def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.contiguous()
