@@ -19,7 +19,8 @@ import torch
 from . import registry
 from .sigma import ESTIMATORS, SIGMA_PARAMS
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT64_BACKENDS = ("cpu", "reference")  # float64 exists for gradcheck; the GPU kernels do not take it
 SeedLike = Union[int, torch.Tensor]
 _debug_checks = False
 
@@ -101,6 +102,15 @@ def _check_finite(**tensors) -> None:
             raise ValueError(f"{name} contains NaN or inf")
 
 
+def _check_backend_dtypes(backend: str, **tensors) -> None:
+    if backend in FLOAT64_BACKENDS:
+        return
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.dtype == torch.float64:
+            raise ValueError(f"{name} is float64, which only the {FLOAT64_BACKENDS} backends take; "
+                             f"backend {backend!r} takes float32, float16 and bfloat16")
+
+
 def _grad_or_none(tensor: torch.Tensor) -> Optional[torch.Tensor]:
     return None if tensor.numel() == 0 else tensor
 
@@ -135,7 +145,7 @@ def philox_normal(seed: SeedLike, shape: Sequence[int], *, offset: int = 0, devi
     numel = math.prod(shape)
     if offset + numel > 2**63:
         raise ValueError(f"offset + numel must stay below 2**63, got {offset} + {numel}")
-    _check_choice("dtype", dtype, SUPPORTED_DTYPES + (torch.float64,))
+    _check_choice("dtype", dtype, SUPPORTED_DTYPES)
     if device is None:
         device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
@@ -195,6 +205,7 @@ def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torch.Te
     prior_sigma = _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param)
     _check_finite(mu=mu, rho=rho)
     backend = registry.select(mu.device)
+    _check_backend_dtypes(backend, mu=mu, prior_mu=prior_mu)
     flat = lambda t: None if t is None else t.contiguous().view(-1)  # noqa: E731
     return _gaussian_kl_op(flat(mu), flat(rho), flat(prior_mu), prior_sigma, sigma_param, backend)
 
@@ -290,6 +301,7 @@ def bayes_linear(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     x2d = x.reshape(-1, in_features).contiguous()
     # an empty batch still yields the KL; the reference backend handles zero-sized GEMMs
     backend = registry.select(mu.device) if x2d.shape[0] > 0 else "reference"
+    _check_backend_dtypes(backend, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
     y, kl, _ = _bayes_linear_op(x2d, mu.contiguous(), rho.contiguous(), bias, _contiguous(prior_mu), seed_t,
                                 prior_sigma, sigma_param, estimator, backend)
     return y.view(*leading, out_features), kl

@@ -1,0 +1,101 @@
+"""Every documented bad input raises a ValueError/TypeError naming the argument, before any kernel runs."""
+import pytest
+import torch
+
+import bnn_kernels as bk
+
+
+def _good():
+    return dict(x=torch.randn(3, 4), mu=torch.randn(5, 4), rho=torch.full((5, 4), -3.0), bias=torch.zeros(5))
+
+
+def _call(**overrides):
+    args = _good()
+    kwargs = dict(seed=1)
+    for key, value in overrides.items():
+        (args if key in args else kwargs)[key] = value
+    return bk.bayes_linear(args["x"], args["mu"], args["rho"], args["bias"], **kwargs)
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    (dict(x=torch.randn(3, 5)), ValueError, "x must have shape"),
+    (dict(rho=torch.full((5, 3), -3.0)), ValueError, "rho must have mu's shape"),
+    (dict(rho=torch.full((5, 4), -3.0, dtype=torch.float16)), ValueError, "rho must have mu's dtype"),
+    (dict(mu=torch.randn(5, 4, 1), rho=torch.randn(5, 4, 1)), ValueError, "mu must be 2-D"),
+    (dict(bias=torch.zeros(4)), ValueError, "bias must have shape"),
+    (dict(x=torch.randn(3, 4).to(torch.int32)), ValueError, "x must have dtype"),
+    (dict(mu=[[1.0]]), TypeError, "mu must be a torch.Tensor"),
+    (dict(prior_mu=torch.randn(4, 5)), ValueError, "prior_mu must have mu's shape"),
+    (dict(prior_sigma=0.0), ValueError, "prior_sigma"),
+    (dict(prior_sigma=-1.0), ValueError, "prior_sigma"),
+    (dict(prior_sigma="big"), TypeError, "prior_sigma"),
+    (dict(sigma_param="exp"), ValueError, "sigma_param must be one of"),
+    (dict(estimator="flipout"), ValueError, "estimator must be one of"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(seed=True), TypeError, "seed must be an int"),
+    (dict(seed=-1), ValueError, "seed must be in"),
+    (dict(seed=2**63), ValueError, "seed must be in"),
+    (dict(seed=torch.tensor([1, 2])), TypeError, "seed must be an int or a 0-dim int64 tensor"),
+    (dict(seed=torch.tensor(1.0)), TypeError, "seed must be an int or a 0-dim int64 tensor"),
+])
+def test_bad_bayes_linear_arguments(overrides, error, words):
+    with pytest.raises(error, match=words):
+        _call(**overrides)
+
+
+def test_seed_is_required():
+    good = _good()
+    with pytest.raises(TypeError):
+        bk.bayes_linear(good["x"], good["mu"], good["rho"])
+
+
+def test_device_mix_is_rejected():
+    good = _good()
+    x_meta = torch.randn(3, 4, device="meta")
+    with pytest.raises(ValueError, match="x is on meta"):
+        bk.bayes_linear(x_meta, good["mu"], good["rho"], seed=1)
+
+
+def test_unknown_or_unusable_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with bk.use_backend("tpu"):
+            pass
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda' is not usable"):
+            with bk.use_backend("cuda"):
+                pass
+
+
+def test_float64_only_on_backends_that_take_it():
+    if "triton" not in bk.backends():
+        pytest.skip("triton backend not usable here")
+    x, mu, rho = torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64)
+    with bk.use_backend("triton"), pytest.raises(ValueError, match="float64"):
+        bk.bayes_linear(x, mu, rho, seed=1)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: bk.gaussian_kl(torch.randn(3), torch.randn(4)), ValueError, "rho must have mu's shape"),
+    (lambda: bk.gaussian_kl(torch.randn(3), torch.randn(3), prior_sigma=0), ValueError, "prior_sigma"),
+    (lambda: bk.gaussian_kl(torch.randn(3), torch.randn(3), sigma_param="log"), ValueError, "sigma_param"),
+    (lambda: bk.philox_normal(1.0, (3,)), TypeError, "seed must be an int"),
+    (lambda: bk.philox_normal(1, (3,), offset=-1), ValueError, "offset"),
+    (lambda: bk.philox_normal(1, (-3,)), ValueError, "shape"),
+    (lambda: bk.philox_normal(1, (3,), dtype=torch.int32), ValueError, "dtype"),
+])
+def test_bad_arguments_of_other_ops(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_debug_checks_catch_non_finite_values():
+    good = _good()
+    rho = good["rho"].clone()
+    rho[0, 0] = float("nan")
+    bk.bayes_linear(good["x"], good["mu"], rho, seed=1)  # off by default: no sync, no check
+    bk.set_debug_checks(True)
+    try:
+        with pytest.raises(ValueError, match="rho contains NaN or inf"):
+            bk.bayes_linear(good["x"], good["mu"], rho, seed=1)
+    finally:
+        bk.set_debug_checks(False)

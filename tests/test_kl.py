@@ -1,0 +1,77 @@
+"""gaussian_kl: value and gradients against the float64 formula on every backend."""
+import math
+
+import pytest
+import torch
+
+import bnn_kernels as bk
+from bnn_kernels.sigma import gaussian_kl_terms, sigma_from_rho
+from helpers import BACKENDS, assert_close_to_oracle, device_for
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _posterior(shape, dtype, device, sigma_param):
+    mu = torch.randn(shape, dtype=torch.float64) * 0.1
+    rho = (torch.rand(shape, dtype=torch.float64) * 0.02 + 0.005 if sigma_param == "direct"
+           else torch.rand(shape, dtype=torch.float64) * 2.0 - 5.0)
+    prior = mu + torch.randn(shape, dtype=torch.float64) * 0.01
+    return [t.to(device=device, dtype=dtype) for t in (mu, rho, prior)]
+
+
+def _kl_with_grads(mu, rho, prior_mu, prior_sigma, sigma_param, fn):
+    mu = mu.detach().clone().requires_grad_()
+    rho = rho.detach().clone().requires_grad_()
+    kl = fn(mu, rho, prior_mu, prior_sigma, sigma_param)
+    kl.backward(torch.tensor(0.75, dtype=kl.dtype, device=kl.device))
+    return kl.detach(), mu.grad, rho.grad
+
+
+def _torch_kl(mu, rho, prior_mu, prior_sigma, sigma_param):
+    return gaussian_kl_terms(mu, sigma_from_rho(rho, sigma_param), prior_mu, prior_sigma).sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sigma_param", ["softplus", "direct"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (127, 5, 3), (4097,)])
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_gaussian_kl_matches_float64_formula(backend, sigma_param, dtype, shape, with_prior):
+    device = device_for(backend)
+    mu, rho, prior = _posterior(shape, dtype, device, sigma_param)
+    prior = prior if with_prior else None
+    prior_sigma = 0.05
+    with bk.use_backend(backend):
+        kl, dmu, drho = _kl_with_grads(mu, rho, prior, prior_sigma, sigma_param, bk.gaussian_kl)
+    assert kl.dtype == torch.float32 and kl.dim() == 0
+    assert dmu.dtype == dtype and drho.dtype == dtype
+    oracle = _kl_with_grads(mu.double(), rho.double(), None if prior is None else prior.double(), prior_sigma,
+                            sigma_param, _torch_kl)
+    # plain torch in the same dtype (computing in float32, as the ops do for 16-bit inputs, keeps the KL usable)
+    same_dtype = _kl_with_grads(mu, rho, prior, prior_sigma, sigma_param,
+                                lambda m, r, p, s, sp: _torch_kl(m.float(), r.float(), p, s, sp))
+    for name, value, reference, baseline in zip(("kl", "dmu", "drho"), (kl, dmu, drho), oracle, same_dtype):
+        assert_close_to_oracle(name, value, reference, baseline, dtype if name != "kl" else torch.float32)
+
+
+def test_kl_is_zero_when_posterior_equals_prior():
+    mu = torch.randn(50)
+    rho = torch.full((50,), 0.01)
+    kl = bk.gaussian_kl(mu, rho, mu, 0.01, sigma_param="direct")
+    assert abs(kl.item()) < 1e-3
+
+
+def test_kl_closed_form_single_element():
+    mu, sigma, prior_sigma = 0.3, 0.2, 0.5
+    expected = math.log(prior_sigma / sigma) + (sigma**2 + mu**2) / (2 * prior_sigma**2) - 0.5
+    kl = bk.gaussian_kl(torch.tensor([mu]), torch.tensor([sigma]), None, prior_sigma, sigma_param="direct")
+    assert kl.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
+def test_gaussian_kl_gradcheck_float64(backend):
+    mu = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    rho = (torch.rand(6, 5, dtype=torch.float64) - 2.0).requires_grad_()
+    prior = torch.randn(6, 5, dtype=torch.float64)
+    with bk.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda m, r: bk.gaussian_kl(m, r, prior, 0.3), (mu, rho))

@@ -1,0 +1,167 @@
+"""bayes_linear: forward and every gradient against the float64 materialising oracle, on every backend."""
+import pytest
+import torch
+
+import bnn_kernels as bk
+from bnn_kernels.reference import bayes_linear_materialised
+from helpers import BACKENDS, assert_close_to_oracle, device_for
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (leading dims of x, out_features N, in_features K): odd sizes around tile edges, 1s, and extra leading dims
+SHAPES = [((1,), 1, 1), ((7,), 33, 127), ((33,), 127, 7), ((127,), 7, 33), ((2, 3, 5), 17, 64), ((64,), 48, 16)]
+BIG_SEED = 2**40 + 3
+
+
+def make_inputs(lead, n, k, dtype, param_dtype, device, sigma_param, with_bias=True, with_prior=True):
+    """Random layer inputs in float64 first (so the oracle sees exactly the same values), then cast."""
+    x = torch.randn(*lead, k, dtype=torch.float64)
+    mu = torch.randn(n, k, dtype=torch.float64) / k**0.5
+    rho = (torch.rand(n, k, dtype=torch.float64) * 0.05 + 0.01 if sigma_param == "direct"
+           else torch.rand(n, k, dtype=torch.float64) - 4.0)
+    bias = torch.randn(n, dtype=torch.float64) * 0.1 if with_bias else None
+    prior = mu + 0.01 * torch.randn(n, k, dtype=torch.float64) if with_prior else None
+    cast = lambda t, d: None if t is None else t.to(device=device, dtype=d)  # noqa: E731
+    return cast(x, dtype), cast(mu, param_dtype), cast(rho, param_dtype), cast(bias, param_dtype), cast(prior, param_dtype)
+
+
+def run_with_grads(fn, x, mu, rho, bias, grad_seed=1):
+    """(y, kl, dx, dmu, drho, dbias) for upstream gradients drawn from a fixed generator."""
+    x, mu, rho = (t.detach().clone().requires_grad_() for t in (x, mu, rho))
+    bias = None if bias is None else bias.detach().clone().requires_grad_()
+    y, kl = fn(x, mu, rho, bias)
+    generator = torch.Generator().manual_seed(grad_seed)
+    grad_y = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
+    torch.autograd.backward((y, kl), (grad_y, torch.tensor(0.5, dtype=kl.dtype, device=kl.device)))
+    return y.detach(), kl.detach(), x.grad, mu.grad, rho.grad, None if bias is None else bias.grad
+
+
+def oracle_and_baseline(x, mu, rho, bias, prior, seed, sigma_param, estimator, prior_sigma):
+    """The float64 oracle, and plain PyTorch materialising the sample in the inputs' own dtypes."""
+    def materialised(prior_mu):
+        return lambda x_, mu_, rho_, b_: bayes_linear_materialised(
+            x_, mu_, rho_, b_, torch.tensor(seed), prior_mu, prior_sigma, sigma_param, estimator)
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    oracle = run_with_grads(materialised(f64(prior)), f64(x), f64(mu), f64(rho), f64(bias))
+    baseline = run_with_grads(materialised(prior), x, mu, rho, bias)
+    return oracle, baseline
+
+
+def check_against_oracle(backend, x, mu, rho, bias, prior, seed, sigma_param, estimator, prior_sigma=0.1):
+    with bk.use_backend(backend):
+        result = run_with_grads(
+            lambda x_, mu_, rho_, b_: bk.bayes_linear(x_, mu_, rho_, b_, seed=seed, prior_mu=prior,
+                                                      prior_sigma=prior_sigma, sigma_param=sigma_param,
+                                                      estimator=estimator), x, mu, rho, bias)
+    oracle, baseline = oracle_and_baseline(x, mu, rho, bias, prior, seed, sigma_param, estimator, prior_sigma)
+    y, kl, dx, dmu, drho, dbias = result
+    assert y.dtype == x.dtype and kl.dtype == torch.float32 and kl.dim() == 0
+    assert dx.dtype == x.dtype and dmu.dtype == mu.dtype and drho.dtype == rho.dtype
+    names = ("y", "kl", "dx", "dmu", "drho", "dbias")
+    for name, value, reference, same_dtype in zip(names, result, oracle, baseline):
+        if value is None:
+            continue
+        dtype = {"y": x.dtype, "dx": x.dtype, "kl": torch.float32}.get(name, mu.dtype)
+        if name in ("dmu", "drho", "dbias") and x.dtype != torch.float32:
+            dtype = x.dtype  # weight gradients come from a GEMM in x's dtype
+        assert_close_to_oracle(f"{backend}/{estimator}/{sigma_param}/{name}", value, reference, same_dtype, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+@pytest.mark.parametrize("sigma_param", ["softplus", "direct"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], s[1], s[2]))))
+def test_float32_matches_oracle(backend, estimator, sigma_param, shape):
+    lead, n, k = shape
+    inputs = make_inputs(lead, n, k, torch.float32, torch.float32, device_for(backend), sigma_param)
+    check_against_oracle(backend, *inputs, BIG_SEED, sigma_param, estimator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+@pytest.mark.parametrize("shape", [((7,), 33, 127), ((2, 3, 5), 17, 64)], ids=["7x33x127", "2x3x5x17x64"])
+def test_low_precision_matches_oracle(backend, estimator, dtype, param_dtype, shape):
+    """16-bit activations with float32 parameters (autocast-style mixed precision) or 16-bit parameters."""
+    lead, n, k = shape
+    params = torch.float32 if param_dtype == "float32" else dtype
+    inputs = make_inputs(lead, n, k, dtype, params, device_for(backend), "softplus")
+    check_against_oracle(backend, *inputs, 11, "softplus", estimator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+def test_without_bias_and_prior(backend, estimator):
+    inputs = make_inputs((9,), 20, 24, torch.float32, torch.float32, device_for(backend), "softplus",
+                         with_bias=False, with_prior=False)
+    check_against_oracle(backend, *inputs, 5, "softplus", estimator, prior_sigma=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+def test_same_noise_on_every_backend(backend, estimator):
+    """Reproducibility contract: one seed, one output, whichever backend computes it."""
+    x, mu, rho, bias, prior = make_inputs((6,), 10, 12, torch.float32, torch.float32, device_for(backend), "softplus")
+    with bk.use_backend(backend):
+        y, kl = bk.bayes_linear(x, mu, rho, bias, seed=123, prior_mu=prior, estimator=estimator)
+    with bk.use_backend("reference"):
+        y_ref, kl_ref = bk.bayes_linear(x, mu, rho, bias, seed=123, prior_mu=prior, estimator=estimator)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+def test_determinism_and_seed_sensitivity(backend, estimator):
+    x, mu, rho, bias, _ = make_inputs((5,), 8, 16, torch.float32, torch.float32, device_for(backend), "softplus")
+    with bk.use_backend(backend):
+        first, _ = bk.bayes_linear(x, mu, rho, bias, seed=7, estimator=estimator)
+        again, _ = bk.bayes_linear(x, mu, rho, bias, seed=torch.tensor(7), estimator=estimator)
+        other, _ = bk.bayes_linear(x, mu, rho, bias, seed=8, estimator=estimator)
+        mean = torch.nn.functional.linear(x, mu, bias)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    assert not torch.allclose(first, mean)  # the noise is really there
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reparam_shares_one_weight_sample_across_the_batch(backend):
+    """Feeding the identity recovers the sampled weight, W = mu + sigma * philox_normal(seed, mu.shape)."""
+    k = 12
+    mu = torch.randn(5, k, device=device_for(backend))
+    rho = torch.full((5, k), -2.0, device=mu.device)
+    with bk.use_backend(backend):
+        y, _ = bk.bayes_linear(torch.eye(k, device=mu.device), mu, rho, seed=99)
+    eps = bk.philox_normal(99, (5, k))
+    expected = mu.cpu() + torch.nn.functional.softplus(torch.tensor(-2.0)) * eps
+    torch.testing.assert_close(y.t().cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_gives_empty_output_and_the_kl():
+    x = torch.randn(0, 4, requires_grad=True)
+    mu = torch.randn(3, 4, requires_grad=True)
+    rho = torch.full((3, 4), -3.0, requires_grad=True)
+    y, kl = bk.bayes_linear(x, mu, rho, seed=1)
+    assert y.shape == (0, 3)
+    torch.testing.assert_close(kl, bk.gaussian_kl(mu, rho))
+    kl.backward()
+    assert mu.grad is not None and rho.grad is not None
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+@pytest.mark.parametrize("sigma_param", ["softplus", "direct"])
+def test_gradcheck_float64(backend, estimator, sigma_param):
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    mu = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    rho = ((torch.rand(3, 6, dtype=torch.float64) * 0.1 + 0.05) if sigma_param == "direct"
+           else torch.rand(3, 6, dtype=torch.float64) - 2.0).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    prior = torch.randn(3, 6, dtype=torch.float64)
+
+    def layer(x_, mu_, rho_, b_):
+        return bk.bayes_linear(x_, mu_, rho_, b_, seed=3, prior_mu=prior, prior_sigma=0.5,
+                               sigma_param=sigma_param, estimator=estimator)
+
+    with bk.use_backend(backend):
+        assert torch.autograd.gradcheck(layer, (x, mu, rho, bias))

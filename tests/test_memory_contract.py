@@ -1,0 +1,70 @@
+"""Memory contract: the autograd graph of an op keeps its inputs and a seed, never a weight-sized new tensor."""
+import pytest
+import torch
+
+import bnn_kernels as bk
+from bnn_kernels.reference import bayes_linear_materialised
+from helpers import BACKENDS, device_for
+
+
+class SavedTensors:
+    """Records every tensor autograd saves while the block runs (torch.autograd.graph.saved_tensors_hooks)."""
+
+    def __init__(self):
+        self.saved = []
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor):
+        self.saved.append(tensor)
+        return tensor
+
+    def new_tensors(self, *inputs):
+        """Saved tensors that are not (views of the storage of) one of ``inputs``."""
+        storages = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+        return [t for t in self.saved if t.untyped_storage().data_ptr() not in storages]
+
+
+def _layer_inputs(device):
+    # M * N < N * K, so an output-sized tensor (allowed: lrt keeps the output std) is told apart from a weight-sized one
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    mu = torch.randn(48, 64, device=device, requires_grad=True)
+    rho = torch.full((48, 64), -3.0, device=device, requires_grad=True)
+    bias = torch.zeros(48, device=device, requires_grad=True)
+    prior = torch.randn(48, 64, device=device)
+    return x, mu, rho, bias, prior
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+def test_bayes_linear_saves_no_weight_sized_tensor(backend, estimator):
+    x, mu, rho, bias, prior = _layer_inputs(device_for(backend))
+    with bk.use_backend(backend), SavedTensors() as record:
+        y, kl = bk.bayes_linear(x, mu, rho, bias, seed=5, prior_mu=prior, estimator=estimator)
+    new = record.new_tensors(x, mu, rho, bias, prior)
+    assert all(t.numel() < mu.numel() for t in new), [tuple(t.shape) for t in new]
+    assert sum(t.numel() for t in new) <= 1 + (y.numel() if estimator == "lrt" else 0)  # the seed (+ lrt's std)
+    (y.sum() + kl).backward()  # and backward still works from what was kept
+    assert mu.grad is not None and rho.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gaussian_kl_saves_only_its_inputs(backend):
+    _, mu, rho, _, prior = _layer_inputs(device_for(backend))
+    with bk.use_backend(backend), SavedTensors() as record:
+        bk.gaussian_kl(mu, rho, prior, 0.1)
+    assert record.new_tensors(mu, rho, prior) == []
+
+
+def test_the_check_catches_a_materialising_layer():
+    """The same check flags the paper-style layer, which keeps eps and the weight sample for backward."""
+    x, mu, rho, bias, prior = _layer_inputs("cpu")
+    with SavedTensors() as record:
+        bayes_linear_materialised(x, mu, rho, bias, torch.tensor(5), prior, 0.1, "softplus", "reparam")
+    assert any(t.numel() >= mu.numel() for t in record.new_tensors(x, mu, rho, bias, prior))
