@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import registry
-from .sigma import ESTIMATORS, SIGMA_PARAMS
+from .sigma import ESTIMATORS, SIGMA_PARAMS, kl_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FLOAT64_BACKENDS = ("cpu", "reference")  # float64 exists for gradcheck; the GPU kernels do not take it
@@ -166,7 +166,7 @@ def _gaussian_kl_op(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torc
 
 @_gaussian_kl_op.register_fake
 def _(mu, rho, prior_mu, prior_sigma, sigma_param, backend):
-    return mu.new_empty((), dtype=torch.float32)
+    return mu.new_empty((), dtype=kl_dtype(mu.dtype))
 
 
 @torch.library.custom_op("bnn::gaussian_kl_backward", mutates_args=())
@@ -191,7 +191,7 @@ def _gaussian_kl_setup(ctx, inputs, output):
 def _gaussian_kl_backward(ctx, grad_kl):
     mu, rho, prior_mu = ctx.saved_tensors
     prior_sigma, sigma_param, backend = ctx.config
-    dmu, drho = _gaussian_kl_backward_op(grad_kl.float().contiguous(), mu, rho, prior_mu, prior_sigma,
+    dmu, drho = _gaussian_kl_backward_op(grad_kl.to(kl_dtype(mu.dtype)).contiguous(), mu, rho, prior_mu, prior_sigma,
                                          sigma_param, backend)
     return dmu, drho, None, None, None, None
 
@@ -201,7 +201,8 @@ _gaussian_kl_op.register_autograd(_gaussian_kl_backward, setup_context=_gaussian
 
 def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torch.Tensor] = None,
                 prior_sigma: float = 1.0, *, sigma_param: str = "softplus") -> torch.Tensor:
-    """KL(N(mu, s(rho)^2) || N(prior_mu, prior_sigma^2)) summed over elements, as a float32 0-dim tensor."""
+    """KL(N(mu, s(rho)^2) || N(prior_mu, prior_sigma^2)) summed over elements, as a float32 0-dim tensor
+    (float64 for float64 parameters)."""
     prior_sigma = _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param)
     _check_finite(mu=mu, rho=rho)
     backend = registry.select(mu.device)
@@ -227,7 +228,7 @@ def _bayes_linear_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias:
 def _(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator, backend):
     y = x.new_empty((x.shape[0], mu.shape[0]))
     std = x.new_empty((x.shape[0], mu.shape[0]) if estimator == "lrt" and backend != "reference" else (0,))
-    return y, mu.new_empty((), dtype=torch.float32), std
+    return y, mu.new_empty((), dtype=kl_dtype(mu.dtype)), std
 
 
 @torch.library.custom_op("bnn::bayes_linear_backward", mutates_args=())
@@ -259,7 +260,7 @@ def _bayes_linear_backward(ctx, grad_y, grad_kl, _grad_std):
     x, mu, rho, prior_mu, seed, std = ctx.saved_tensors
     prior_sigma, sigma_param, estimator, backend = ctx.config
     grad_y = grad_y.to(x.dtype).contiguous()
-    dx, dmu, drho = _bayes_linear_backward_op(grad_y, grad_kl.float().contiguous(), x, mu, rho, prior_mu, seed,
+    dx, dmu, drho = _bayes_linear_backward_op(grad_y, grad_kl.to(kl_dtype(mu.dtype)).contiguous(), x, mu, rho, prior_mu, seed,
                                               std, prior_sigma, sigma_param, estimator, backend,
                                               ctx.needs_input_grad[0])
     dbias = None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .rng import philox_normal_reference
-from .sigma import MIN_SIGMA, gaussian_kl_terms, sigma_from_rho
+from .sigma import MIN_SIGMA, gaussian_kl_terms, kl_dtype, sigma_from_rho
 
 NAME = "reference"
 
@@ -71,7 +71,7 @@ def _sigma_and_kl_grads(mu, rho, prior_mu, prior_sigma, sigma_param, grad_kl):
 
 
 def gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param):
-    return gaussian_kl(mu, rho, prior_mu, prior_sigma, sigma_param).float()
+    return gaussian_kl(mu, rho, prior_mu, prior_sigma, sigma_param).to(kl_dtype(mu.dtype))
 
 
 def gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param):
@@ -81,7 +81,7 @@ def gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param):
 
 def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator):
     y, kl = bayes_linear_materialised(x, mu, rho, bias, seed, prior_mu, prior_sigma, sigma_param, estimator)
-    return y, kl.float(), x.new_empty(0)
+    return y, kl.to(kl_dtype(mu.dtype)), x.new_empty(0)
 
 
 def linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param, estimator, need_dx):

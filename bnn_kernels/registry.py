@@ -6,7 +6,8 @@ normalised by ``bnn_kernels.ops`` before any backend runs, so backends never val
 * ``x`` is 2-D ``(M, K)`` and contiguous, float32/float16/bfloat16; ``mu`` and ``rho`` are ``(N, K)``, contiguous,
   one floating dtype; ``bias`` is ``(N,)`` or None; ``prior_mu`` is ``(N, K)`` (any float dtype) or None;
   ``seed`` is a 0-dim int64 tensor on the inputs' device; ``prior_sigma`` a float; ``sigma_param`` and
-  ``estimator`` valid names.
+  ``estimator`` valid names.  float64 reaches only the cpu and reference backends (for gradcheck); the KL is
+  float32, or float64 for float64 parameters.
 * The weight noise is ``philox_normal(seed, mu.numel())`` viewed as ``mu.shape`` (reparam); the output noise
   is ``philox_normal(seed, M * N)`` viewed as ``(M, N)`` (lrt).  The weight sample / sigma^2 are formed in
   float32 and cast to x's dtype for the GEMM (to bfloat16 for the lrt variance GEMM when x is float16);

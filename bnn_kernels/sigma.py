@@ -15,6 +15,11 @@ ESTIMATORS = ("reparam", "lrt")
 MIN_SIGMA = 1e-7  # the "direct" parameterisation clamps sigma here, as the paper does
 
 
+def kl_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The KL is float32, or float64 for float64 parameters (gradcheck)."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
 def sigma_from_rho(rho: torch.Tensor, sigma_param: str) -> torch.Tensor:
     """sigma = softplus(rho) or, for "direct", rho clamped at MIN_SIGMA (gradient 0 below the clamp)."""
     if sigma_param == "softplus":

@@ -1,6 +1,7 @@
 """torch.compile(fullgraph=True) traces through the custom ops; a new seed tensor does not recompile."""
 import pytest
 import torch
+import torch._dynamo.testing
 
 import bnn_kernels as bk
 from helpers import BACKENDS

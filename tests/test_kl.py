@@ -22,12 +22,12 @@ def _posterior(shape, dtype, device, sigma_param):
 def _kl_with_grads(mu, rho, prior_mu, prior_sigma, sigma_param, fn):
     mu = mu.detach().clone().requires_grad_()
     rho = rho.detach().clone().requires_grad_()
-    kl = fn(mu, rho, prior_mu, prior_sigma, sigma_param)
+    kl = fn(mu, rho, prior_mu, prior_sigma, sigma_param=sigma_param)
     kl.backward(torch.tensor(0.75, dtype=kl.dtype, device=kl.device))
     return kl.detach(), mu.grad, rho.grad
 
 
-def _torch_kl(mu, rho, prior_mu, prior_sigma, sigma_param):
+def _torch_kl(mu, rho, prior_mu, prior_sigma, *, sigma_param):
     return gaussian_kl_terms(mu, sigma_from_rho(rho, sigma_param), prior_mu, prior_sigma).sum()
 
 
@@ -49,7 +49,7 @@ def test_gaussian_kl_matches_float64_formula(backend, sigma_param, dtype, shape,
                             sigma_param, _torch_kl)
     # plain torch in the same dtype (computing in float32, as the ops do for 16-bit inputs, keeps the KL usable)
     same_dtype = _kl_with_grads(mu, rho, prior, prior_sigma, sigma_param,
-                                lambda m, r, p, s, sp: _torch_kl(m.float(), r.float(), p, s, sp))
+                                lambda m, r, p, s, sigma_param: _torch_kl(m.float(), r.float(), p, s, sigma_param=sigma_param))
     for name, value, reference, baseline in zip(("kl", "dmu", "drho"), (kl, dmu, drho), oracle, same_dtype):
         assert_close_to_oracle(name, value, reference, baseline, dtype if name != "kl" else torch.float32)
 
