@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build from source, run the contract tests on the GPU, the microbenchmarks and the
-# one-run ratio script; every result lands as JSON in $1 (default benchmarks/results/gpu-<date>) and in
+# one-run ratio script; every result lands as JSON in $1 (default /tmp/bnn-gpu-<date>) and in
 # benchmarks/results/.  Uses the machine's own torch/triton (no venv): pip installs nothing from the network.
 #
 #   benchmarks/gpu_suite.sh [OUTPUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
-out=${1:-benchmarks/results/gpu-$stamp}
+out=${1:-/tmp/bnn-gpu-$stamp}
 mkdir -p "$out" benchmarks/results
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
