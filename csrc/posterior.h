@@ -1,0 +1,85 @@
+// sigma = s(rho), s'(rho) and the Gaussian KL terms: the formulas of bnn_kernels/sigma.py, per element.
+//
+// T is float (float32/float16/bfloat16 parameters, computed in float32) or double (float64 parameters).
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include "vec_math.h"
+
+namespace bnn {
+
+enum class SigmaParam { kSoftplus, kDirect };
+
+inline SigmaParam parse_sigma_param(c10::string_view name) {
+  if (name == "softplus") return SigmaParam::kSoftplus;
+  TORCH_CHECK_VALUE(name == "direct", "sigma_param must be 'softplus' or 'direct', got '", std::string(name), "'");
+  return SigmaParam::kDirect;
+}
+
+enum class Estimator { kReparam, kLrt };
+
+inline Estimator parse_estimator(c10::string_view name) {
+  if (name == "reparam") return Estimator::kReparam;
+  TORCH_CHECK_VALUE(name == "lrt", "estimator must be 'reparam' or 'lrt', got '", std::string(name), "'");
+  return Estimator::kLrt;
+}
+
+constexpr double kMinSigma = 1e-7;  // the "direct" parameterisation clamps sigma here
+
+// The prior N(prior_mu, prior_sigma^2) and how the KL and its gradient are scaled.
+struct PriorTerms {
+  double log_sigma;       // log(prior_sigma)
+  double inv_two_var;     // 1 / (2 prior_sigma^2)
+  double inv_var;         // 1 / prior_sigma^2
+  double grad_scale = 0;  // the upstream gradient of the KL (backward only)
+
+  explicit PriorTerms(double prior_sigma, double grad_kl = 0.0)
+      : log_sigma(std::log(prior_sigma)),
+        inv_two_var(0.5 / (prior_sigma * prior_sigma)),
+        inv_var(1.0 / (prior_sigma * prior_sigma)),
+        grad_scale(grad_kl) {}
+};
+
+// softplus(r) = max(r, 0) + log1p(exp(-|r|)): no overflow for large r, exact tail for very negative r.
+template <typename T>
+BNN_INLINE T softplus(T r) {
+  const T a = r < T(0) ? -r : r;
+  const T pos = r > T(0) ? r : T(0);
+  return pos + vec::log1p(vec::exp(-a));
+}
+
+// sigmoid(r) without overflow: exp(-|r|) / (1 + exp(-|r|)) on the negative side.
+template <typename T>
+BNN_INLINE T sigmoid(T r) {
+  const T a = r < T(0) ? -r : r;
+  const T e = vec::exp(-a);
+  const T inv = T(1) / (T(1) + e);
+  return r >= T(0) ? inv : e * inv;
+}
+
+template <typename T>
+BNN_INLINE T sigma_of(T rho, bool softplus_param) {
+  if (softplus_param) return softplus(rho);
+  const T floor = static_cast<T>(kMinSigma);
+  return rho > floor ? rho : floor;
+}
+
+// ds/drho: sigmoid(rho) for softplus, [rho >= 1e-7] for direct (0 where the clamp holds sigma).
+template <typename T>
+BNN_INLINE T dsigma_drho(T rho, bool softplus_param) {
+  if (softplus_param) return sigmoid(rho);
+  return rho >= static_cast<T>(kMinSigma) ? T(1) : T(0);
+}
+
+// KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)) of one element, diff = mu - prior_mu.
+template <typename T>
+BNN_INLINE T kl_term(T sigma, T diff, T log_prior_sigma, T inv_two_var) {
+  return log_prior_sigma - vec::log(sigma) + (sigma * sigma + diff * diff) * inv_two_var - T(0.5);
+}
+
+}  // namespace bnn
