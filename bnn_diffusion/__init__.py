@@ -1,2 +1,12 @@
-"""bnn_diffusion: Bayesian few-shot fine-tuning of diffusers models on top of bnn_kernels."""
+"""bnn_diffusion: Bayesian few-shot fine-tuning of diffusers models on top of bnn_kernels.
+
+``patch`` turns chosen layers of a model (a diffusers UNet or transformer, or any nn.Module) into Bayesian layers
+in place; ``kl_loss`` sums their KL terms; ``merge`` folds the posterior means back into plain layers (zero
+inference cost); ``unpatch`` restores the pretrained model.  Imports torch and bnn_kernels, never triton.
+"""
+from .layers import BayesianModule, BayesLinear
+from .patch import PRESETS, Preset, bayesian_modules, kl_loss, merge, patch, unpatch
+
+__all__ = ["patch", "unpatch", "merge", "kl_loss", "bayesian_modules", "PRESETS", "Preset", "BayesianModule",
+           "BayesLinear"]
 __version__ = "0.1.0"
