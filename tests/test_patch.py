@@ -1,0 +1,717 @@
+"""bnn_diffusion.patch / kl_loss / merge / unpatch and BayesLinear, on tiny diffusers models built from configs.
+
+The models (UNet2DConditionModel, DiT, SD3 and Flux transformers) are a few hundred thousand parameters at most, so
+every test runs in seconds on CPU whatever backend bnn_kernels picks for CPU tensors.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pathlib
+import pickle
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bnn_diffusion as bd
+import bnn_kernels as bk
+from bnn_diffusion import BayesLinear
+
+diffusers = pytest.importorskip("diffusers")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tiny models and their inputs
+# --------------------------------------------------------------------------------------------------------------
+
+def tiny_unet():
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=16, attention_head_dim=8, in_channels=4, out_channels=4)
+
+
+def unet_inputs():
+    return dict(sample=torch.randn(2, 4, 16, 16), timestep=torch.tensor([10, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 32))
+
+
+def tiny_dit():
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                           norm_num_groups=2)
+
+
+def dit_inputs():
+    return dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 5]),
+                class_labels=torch.tensor([0, 3]))
+
+
+def tiny_sd3():
+    return diffusers.SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=2,
+                                           attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                           joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+
+
+def sd3_inputs():
+    return dict(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 5, 32),
+                pooled_projections=torch.randn(2, 64), timestep=torch.tensor([1, 5]))
+
+
+def tiny_flux():
+    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                            pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+
+
+def flux_inputs():
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    img_ids = torch.stack([torch.zeros(16), rows.flatten(), cols.flatten()], dim=-1)
+    return dict(hidden_states=torch.randn(2, 16, 4), encoder_hidden_states=torch.randn(2, 5, 32),
+                pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.1, 0.5]), img_ids=img_ids,
+                txt_ids=torch.zeros(5, 3))
+
+
+MODELS = {"unet": (tiny_unet, unet_inputs), "dit": (tiny_dit, dit_inputs), "sd3": (tiny_sd3, sd3_inputs),
+          "flux": (tiny_flux, flux_inputs)}
+
+# The paper-dreambooth set, written out independently of the preset's patterns.
+_BLOCK_SELF_ATTN_FF = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+_JOINT = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+_SINGLE = r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
+EXPECTED_DREAMBOOTH = {  # (regex a name must fullmatch after its prefix, how many layers)
+    "unet": (r"(down_blocks\.0|up_blocks\.1|mid_block)\.attentions\.\d\." + _BLOCK_SELF_ATTN_FF, 4 * 6),
+    "dit": (_BLOCK_SELF_ATTN_FF, 2 * 6),
+    "sd3": (_JOINT, 2 * 6),
+    "flux": (f"({_JOINT}|{_SINGLE})", 6 + 5),
+}
+
+
+def build(kind, seed=0):
+    torch.manual_seed(seed)
+    make, inputs = MODELS[kind]
+    model = make()
+    torch.manual_seed(seed + 100)
+    return model, inputs()
+
+
+def run(model, inputs):
+    return model(**inputs).sample
+
+
+def assert_same(actual, expected):
+    """Equal up to float32 rounding: two models holding equal weights in different storages may take different
+    BLAS paths (alignment), so outputs can differ in the last bits; the posterior noise moves them by ~1e-2."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def linear_names(model):
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def param_buffer_bytes(model):
+    return (sum(p.numel() * p.element_size() for p in model.parameters())
+            + sum(b.numel() * b.element_size() for b in model.buffers()))
+
+
+def perturb_posterior(model, seed=3):
+    """Move every posterior away from its init, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in bd.bayesian_modules(model):
+            module.weight_mu.add_(0.05 * torch.randn(module.weight_mu.shape, generator=gen))
+            module.weight_rho.mul_(torch.rand(module.weight_rho.shape, generator=gen) + 0.5)
+            if module.bias is not None:
+                module.bias.add_(0.05 * torch.randn(module.bias.shape, generator=gen))
+
+
+def closed_form_kl(model):
+    """Sum over Bayesian modules of log(sp/s) + (s^2 + (mu - mp)^2) / (2 sp^2) - 1/2, in float64."""
+    total = 0.0
+    for _, m in bd.bayesian_modules(model):
+        rho = m.weight_rho.detach().double()
+        sigma = F.softplus(rho) if m.sigma_param == "softplus" else rho.clamp_min(1e-7)
+        diff = m.weight_mu.detach().double() - m.prior_mu.double()
+        sp = m.prior_sigma
+        total += (math.log(sp) - torch.log(sigma) + (sigma**2 + diff**2) / (2 * sp**2) - 0.5).sum().item()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# presets and targets
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_paper_dreambooth_patches_exactly_the_expected_names(kind):
+    model, _ = build(kind)
+    before = linear_names(model)
+    regex, count = EXPECTED_DREAMBOOTH[kind]
+    expected = [name for name in before if re.fullmatch(regex, name)]
+    names = bd.patch(model, "paper-dreambooth")
+    assert names == expected and len(names) == count
+    for name in names:
+        assert isinstance(model.get_submodule(name), BayesLinear)
+    assert {n for n in linear_names(model)} == set(before) - set(names)
+    # never cross-attention (UNet attn2), never the text stream of joint attention
+    assert not [n for n in names if ".attn2." in n or "add_" in n or "ff_context" in n or "to_add_out" in n]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_all_linear_patches_every_linear(kind):
+    model, inputs = build(kind)
+    before = linear_names(model)
+    assert bd.patch(model, "all-linear") == before
+    assert linear_names(model) == []
+    model.train()
+    assert torch.isfinite(run(model, inputs)).all()
+
+
+def test_targets_override_the_preset_glob_and_regex():
+    model, _ = build("unet")
+    names = bd.patch(model, targets=["attn2.to_k", "re:attn[12]\\.to_v"])
+    assert len(names) == 4 * 3
+    assert all(re.search(r"\.attn2\.to_k$|\.attn[12]\.to_v$", n) for n in names)
+    # suffixes are matched at dot boundaries: "to_q" matches attn1.to_q / attn2.to_q, "o_q" matches nothing
+    model, _ = build("unet")
+    assert len(bd.patch(model, targets="to_q")) == 4 * 2
+    model, _ = build("unet")
+    with pytest.raises(ValueError, match="o_q"):
+        bd.patch(model, targets=["o_q"])
+
+
+def test_patching_more_layers_later_keeps_the_first_ones():
+    model, _ = build("unet")
+    first = bd.patch(model, "paper-dreambooth")
+    second = bd.patch(model, targets=["attn2.to_q"])
+    assert len(second) == 4 and not set(first) & set(second)
+    assert len(bd.bayesian_modules(model)) == len(first) + len(second)
+    with pytest.raises(ValueError, match="attn1.to_q \\(already Bayesian\\)"):
+        bd.patch(model, "paper-dreambooth")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# forward semantics
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_eval_output_equals_unpatched_model_at_init(kind):
+    model, inputs = build(kind)
+    reference = copy.deepcopy(model).eval()
+    bd.patch(model, "all-linear")
+    model.eval()
+    with torch.no_grad():
+        assert_same(run(model, inputs), run(reference, inputs))
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_train_forward_samples_and_is_reproducible_under_manual_seed(kind):
+    model, inputs = build(kind)
+    bd.patch(model, "paper-dreambooth", sigma_init=0.05)
+    model.eval()
+    with torch.no_grad():
+        mean = run(model, inputs)
+        model.train()
+        torch.manual_seed(1)
+        a = run(model, inputs)
+        torch.manual_seed(1)
+        b = run(model, inputs)
+        torch.manual_seed(2)
+        c = run(model, inputs)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c) and not torch.allclose(a, mean)
+
+
+def test_layer_forward_is_the_kernel_op_with_a_seed_from_torch_rng():
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40)
+    x = torch.randn(3, 7, 24)
+    for sigma_param, estimator in [("direct", "reparam"), ("softplus", "reparam"), ("softplus", "lrt")]:
+        layer = BayesLinear.from_linear(linear, sigma_init=0.03, prior_sigma=0.02, sigma_param=sigma_param,
+                                        estimator=estimator)
+        torch.manual_seed(5)
+        y = layer(x)
+        torch.manual_seed(5)
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        y_ref, kl_ref = bk.bayes_linear(x, layer.weight_mu, layer.weight_rho, layer.bias, seed=seed,
+                                        prior_mu=linear.weight, prior_sigma=0.02, sigma_param=sigma_param,
+                                        estimator=estimator)
+        assert torch.equal(y, y_ref) and torch.equal(layer.last_kl, kl_ref)
+        if estimator == "reparam":  # one weight sample mu + sigma * eps, eps = philox_normal(seed)
+            weight = linear.weight + layer.sigma * bk.philox_normal(seed, linear.weight.shape)
+            torch.testing.assert_close(y, F.linear(x, weight, linear.bias), atol=1e-5, rtol=1e-5)
+    # eval: the mean, last_kl cleared; sample= overrides the mode both ways
+    layer.eval()
+    assert torch.equal(layer(x), linear(x)) and layer.last_kl is None
+    layer.sample = True
+    assert not torch.allclose(layer(x), linear(x)) and layer.last_kl is not None
+    layer.train()
+    layer.sample = False
+    assert torch.equal(layer(x), linear(x)) and layer.last_kl is None
+    # input in another dtype: the output follows x's dtype in both modes
+    layer.sample = None
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    layer.eval()
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_rho_init_gives_sigma_init_under_both_parameterisations():
+    linear = nn.Linear(8, 4)
+    direct = BayesLinear.from_linear(linear, sigma_init=0.02, sigma_param="direct")
+    soft = BayesLinear.from_linear(linear, sigma_init=0.02, sigma_param="softplus")
+    assert torch.all(direct.weight_rho == 0.02)
+    torch.testing.assert_close(soft.sigma, torch.full((4, 8), 0.02))
+    assert soft.weight_rho[0, 0].item() == pytest.approx(math.log(math.expm1(0.02)), rel=1e-6)
+
+
+def test_extra_repr_shows_shapes_sigma_and_options():
+    layer = BayesLinear.from_linear(nn.Linear(8, 4), sigma_init=0.02, estimator="lrt", sigma_param="softplus",
+                                    prior_dtype=torch.bfloat16)
+    text = repr(layer)
+    for part in ("in_features=8", "out_features=4", "bias=True", "estimator=lrt", "sigma_param=softplus",
+                 "sigma(mean=0.02", "min=0.02", "max=0.02", "prior_dtype=torch.bfloat16"):
+        assert part in text, (part, text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KL
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("sigma_param", ["direct", "softplus"])
+def test_kl_loss_equals_the_closed_form_sum(kind, sigma_param):
+    model, inputs = build(kind)
+    bd.patch(model, "paper-dreambooth", sigma_param=sigma_param, prior_sigma=0.02)
+    perturb_posterior(model)
+    expected = closed_form_kl(model)
+    # no forward yet: computed directly
+    assert bd.kl_loss(model).item() == pytest.approx(expected, rel=1e-4)
+    model.train()
+    run(model, inputs)
+    kl = bd.kl_loss(model)
+    assert kl.dtype == torch.float32 and kl.dim() == 0 and kl.requires_grad
+    assert kl.item() == pytest.approx(expected, rel=1e-4)
+    # the train forward left each layer's KL from the op; an eval forward clears it and kl_loss recomputes
+    assert all(m.last_kl is not None for _, m in bd.bayesian_modules(model))
+    model.eval()
+    with torch.no_grad():
+        run(model, inputs)
+    assert all(m.last_kl is None for _, m in bd.bayesian_modules(model))
+    assert bd.kl_loss(model).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("sigma_param", ["direct", "softplus"])
+def test_kl_is_zero_at_init_when_the_posterior_is_the_prior(sigma_param):
+    # mu = prior mean and sigma = prior sigma: log(sp/s) + s^2/(2 sp^2) - 1/2 = 0 + 1/2 - 1/2 per element
+    model, inputs = build("unet")
+    bd.patch(model, "paper-dreambooth", sigma_init=0.01, prior_sigma=0.01, sigma_param=sigma_param)
+    numel = sum(m.weight_mu.numel() for _, m in bd.bayesian_modules(model))
+    model.train()
+    run(model, inputs)
+    assert abs(bd.kl_loss(model).item()) < 1e-6 * numel
+    # sigma = 2 prior sigma: log(1/2) + 4/2 - 1/2 per element
+    model, _ = build("unet")
+    bd.patch(model, "paper-dreambooth", sigma_init=0.02, prior_sigma=0.01, sigma_param=sigma_param)
+    assert bd.kl_loss(model).item() == pytest.approx(numel * (math.log(0.5) + 1.5), rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gradients and freezing
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_gradients_reach_mu_rho_bias_and_nothing_frozen(kind):
+    model, inputs = build(kind)
+    bd.patch(model, "paper-dreambooth")
+    model.train()
+    loss = run(model, inputs).square().mean() + 1e-3 * bd.kl_loss(model)
+    loss.backward()
+    bayes_params = set()
+    for name, module in bd.bayesian_modules(model):
+        for pname, param in module.named_parameters():
+            bayes_params.add(id(param))
+            assert param.requires_grad and param.grad is not None, f"{name}.{pname}"
+            assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, f"{name}.{pname}"
+    others = [(n, p) for n, p in model.named_parameters() if id(p) not in bayes_params]
+    assert others
+    for name, param in others:
+        assert not param.requires_grad and param.grad is None, name
+    # prior means are buffers, never trained
+    assert all(not m.prior_mu.requires_grad for _, m in bd.bayesian_modules(model))
+
+
+def test_freeze_others_false_leaves_other_parameters_trainable():
+    model, _ = build("unet")
+    bd.patch(model, "paper-dreambooth", freeze_others=False)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_gradient_checkpointing_recomputes_the_same_noise():
+    grads = []
+    for checkpointing in (False, True):
+        model, inputs = build("unet")
+        bd.patch(model, "paper-dreambooth", sigma_init=0.05)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        torch.manual_seed(7)
+        run(model, inputs).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# merge, unpatch, state dicts
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_merge_gives_a_plain_model_with_the_posterior_means(kind):
+    model, inputs = build(kind)
+    pristine = copy.deepcopy(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    keys = set(model.state_dict())
+    names = bd.patch(model, "paper-dreambooth")
+    perturb_posterior(model)
+    model.eval()
+    with torch.no_grad():
+        expected = run(model, inputs)
+    assert bd.merge(model) == names
+    assert not bd.bayesian_modules(model)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert sum(p.numel() for p in model.parameters()) == n_params and set(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), expected)
+        # an unpatched model loaded with the merged weights gives the same outputs
+        pristine.load_state_dict(model.state_dict())
+        assert_same(run(pristine.eval(), inputs), expected)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_unpatch_restores_the_original_modules_and_weights(kind):
+    model, inputs = build(kind)
+    reference = copy.deepcopy(model).eval()
+    originals = {name: model.get_submodule(name) for name in linear_names(model)}
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = bd.patch(model, "all-linear")
+    # a few training steps change mu and bias
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        run(model, inputs).square().mean().backward()
+        opt.step()
+    assert bd.unpatch(model) == names
+    assert not bd.bayesian_modules(model)
+    for name in names:
+        assert model.get_submodule(name) is originals[name]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+    restored = model.state_dict()
+    assert restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
+    model.eval()
+    with torch.no_grad():
+        assert_same(run(model, inputs), run(reference, inputs))
+
+
+def test_unpatch_with_a_bfloat16_prior_restores_the_rounded_weights():
+    model, _ = build("dit")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = bd.patch(model, "paper-dreambooth", prior_dtype=torch.bfloat16)
+    assert all(model.get_submodule(n).prior_mu.dtype == torch.bfloat16 for n in names)
+    bd.unpatch(model)
+    for key, value in model.state_dict().items():
+        assert value.dtype == state[key].dtype
+        if any(key.startswith(n + ".") for n in names):
+            assert torch.equal(value, state[key].bfloat16().float()), key
+        else:
+            assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("kind", ["unet", "flux"])
+def test_state_dict_of_a_patched_model_loads_into_a_freshly_patched_one(kind):
+    model, inputs = build(kind)
+    names = bd.patch(model, "paper-dreambooth", sigma_param="softplus")
+    perturb_posterior(model)
+    state = model.state_dict()
+    layer = model.get_submodule(names[-1])
+    assert {k for k in state if k.startswith(names[-1] + ".")} == {
+        f"{names[-1]}.{key}" for key in ("weight_mu", "weight_rho", "bias", "prior_mu", "prior_bias")
+        if key in ("weight_mu", "weight_rho", "prior_mu") or layer.bias is not None}
+    fresh, _ = build(kind)
+    bd.patch(fresh, "paper-dreambooth", sigma_param="softplus")
+    fresh.load_state_dict(state, strict=True)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        getattr(fresh, mode)()
+        with torch.no_grad():
+            torch.manual_seed(11)
+            a = run(model, inputs)
+            torch.manual_seed(11)
+            b = run(fresh, inputs)
+        assert_same(a, b)
+    assert bd.kl_loss(fresh).item() == pytest.approx(bd.kl_loss(model).item(), rel=1e-6)
+
+
+def test_deepcopy_and_pickle_after_a_train_forward():
+    model, inputs = build("dit")
+    bd.patch(model, "paper-dreambooth")
+    model.train()
+    run(model, inputs)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(m.last_kl is None for _, m in bd.bayesian_modules(clone))
+        clone.eval()
+        model.eval()
+        with torch.no_grad():
+            assert_same(run(clone, inputs), run(model, inputs))
+        model.train()
+        assert bd.unpatch(clone)  # the kept original modules travel with the copy
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training under autocast; estimator; memory
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+def test_training_steps_under_bfloat16_autocast(estimator):
+    model, inputs = build("unet")
+    bd.patch(model, "paper-dreambooth", sigma_param="softplus", estimator=estimator)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    target = torch.randn_like(inputs["sample"])
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(model, inputs)
+            loss = F.mse_loss(out.float(), target) + 1e-4 * bd.kl_loss(model)
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+    layers = [m for _, m in bd.bayesian_modules(model)]
+    assert all(m.weight_mu.dtype == torch.float32 and m.weight_mu.grad.dtype == torch.float32 for m in layers)
+    for name, param in model.named_parameters():
+        if name in start:
+            assert not torch.equal(param, start[name]), name
+    assert torch.isfinite(bd.kl_loss(model))
+
+
+def test_compiled_training_steps_match_eager():
+    # aot_eager traces the layers through dynamo and AOT autograd without a C++ compile step; inductor would
+    # replace torch.randint by its own RNG (reproducible under manual_seed, but other seeds than eager).
+    torch._dynamo.reset()
+    layer = BayesLinear.from_linear(nn.Linear(16, 8), sigma_init=0.1)
+    x = torch.randn(4, 16)
+    compiled_layer = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        a = compiled_layer(x)
+        torch.manual_seed(1)
+        b = layer(x)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+    losses = []
+    for compiled in (False, True):
+        model, inputs = build("dit")
+        bd.patch(model, "paper-dreambooth", sigma_init=0.05)
+        model.train()
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        losses.append([])
+        for step in range(2):
+            opt.zero_grad()
+            torch.manual_seed(step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = forward(**inputs).sample.float().square().mean() + 1e-3 * bd.kl_loss(model)
+            loss.backward()
+            opt.step()
+            losses[-1].append(loss.item())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-5)
+
+
+CPU_BACKENDS = [b for b in bk.backends()
+                if b in ("cpu", "reference") or (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_kernel_backend_does_not_change_a_training_step(backend):
+    # the integration only calls bnn_kernels' public API: every backend gives the same step (same noise stream)
+    results = []
+    for name in ("reference", backend):
+        model, inputs = build("dit")
+        bd.patch(model, "paper-dreambooth", sigma_init=0.05, sigma_param="softplus")
+        model.train()
+        with bk.use_backend(name):
+            torch.manual_seed(4)
+            out = run(model, inputs)
+            (out.square().mean() + 1e-3 * bd.kl_loss(model)).backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_ref, grads_ref), (out, grads) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_layer_autograd_keeps_no_weight_sized_tensor_of_its_own():
+    layer = BayesLinear.from_linear(nn.Linear(48, 64))
+    own = {t.data_ptr() for t in (layer.weight_mu, layer.weight_rho, layer.prior_mu)}
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    x = torch.randn(5, 48, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    big = [t for t in saved if t.numel() >= layer.weight_mu.numel() and t.data_ptr() not in own]
+    assert not big, [tuple(t.shape) for t in big]
+    (y.sum() + layer.last_kl).backward()
+    assert layer.weight_rho.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("prior_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["unet", "sd3"])
+def test_patching_adds_only_sigma_and_the_prior_means(kind, prior_dtype):
+    model, _ = build(kind)
+    before = param_buffer_bytes(model)
+    weights = {n: (model.get_submodule(n).weight.data_ptr(), model.get_submodule(n).weight.nbytes)
+               for n in linear_names(model)}
+    names = bd.patch(model, "paper-dreambooth", prior_dtype=prior_dtype)
+    added = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        added += layer.weight_rho.nbytes + layer.prior_mu.nbytes
+        added += 0 if layer.prior_bias is None else layer.prior_bias.nbytes
+        if prior_dtype is None:  # the prior IS the pretrained weight: shared, not copied
+            assert layer.prior_mu.data_ptr() == weights[name][0]
+            assert layer.weight_rho.nbytes + layer.prior_mu.nbytes == 2 * weights[name][1]
+        else:
+            assert layer.prior_mu.nbytes * 2 == weights[name][1]
+        # the module kept for unpatch holds no memory
+        kept = layer.__dict__["_original"]
+        assert all(t.device.type == "meta" for t in kept.parameters())
+    assert param_buffer_bytes(model) - before == added
+    # merging gives the bytes of the unpatched model back
+    bd.merge(model)
+    assert param_buffer_bytes(model) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PEFT-wrapped layers
+# --------------------------------------------------------------------------------------------------------------
+
+class TunerLayer(nn.Module):
+    """The structure of a PEFT LoRA tuner layer: the wrapped layer at .base_layer, adapters in ModuleDicts."""
+
+    def __init__(self, base: nn.Linear, r: int = 2) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
+        nn.init.normal_(self.lora_B["default"].weight)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_layers_wrapped_by_peft_are_looked_through():
+    model, inputs = build("unet")
+    for name, module in list(model.named_modules()):
+        for attr in ("to_q", "to_k"):
+            if name.endswith("attn1") and isinstance(getattr(module, attr), nn.Linear):
+                setattr(module, attr, TunerLayer(getattr(module, attr)))
+    model.eval()
+    with torch.no_grad():
+        expected = run(model, inputs)
+    names = bd.patch(model, "paper-dreambooth")
+    assert len(names) == 24 and sum(n.endswith(".base_layer") for n in names) == 8
+    assert not [n for n in names if "lora_" in n]
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        assert_same(run(model, inputs), expected)
+    assert not [n for n in bd.patch(model, "all-linear") if "lora_" in n]
+    bd.unpatch(model)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("base_layer"))
+    with torch.no_grad():
+        assert_same(run(model, inputs), expected)
+
+
+def test_real_peft_adapter_is_looked_through():
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    model, inputs = build("unet")
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    model.eval()
+    with torch.no_grad():
+        expected = run(model, inputs)
+    names = bd.patch(model, "paper-dreambooth", freeze_others=False)
+    assert len(names) == 24 and sum(n.endswith(".base_layer") for n in names) == 16
+    with torch.no_grad():
+        assert_same(run(model, inputs), expected)
+    model.train()
+    run(model, inputs).square().mean().backward()
+    assert all(m.weight_rho.grad is not None for _, m in bd.bayesian_modules(model))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(preset="paper"), ValueError, "unknown preset"),
+    (dict(preset="paper-lora"), ValueError, "not supported yet.*BayesLoRALinear"),
+    (dict(preset="bayes-lora"), ValueError, "not supported yet"),
+    (dict(preset="all"), ValueError, "not supported yet.*BayesConv2d"),
+    (dict(targets=["attn1.to_q", "atn1.to_k"]), ValueError, r"\['atn1.to_k'\] matched no Linear"),
+    (dict(targets=["conv_in"]), ValueError, "cannot be patched.*conv_in \\(Conv2d\\)"),
+    (dict(targets=[]), ValueError, "at least one"),
+    (dict(targets=[3]), TypeError, "targets"),
+    (dict(targets=["re:attn1.("]), ValueError, "regular expression"),
+    (dict(sigma_param="exp"), ValueError, "sigma_param"),
+    (dict(estimator="flipout"), ValueError, "estimator"),
+    (dict(sigma_init=0.0), ValueError, "sigma_init"),
+    (dict(prior_sigma=-1.0), ValueError, "prior_sigma"),
+    (dict(prior_sigma="0.01"), TypeError, "prior_sigma"),
+    (dict(rank=0), ValueError, "rank"),
+    (dict(bayes="C"), ValueError, "bayes"),
+    (dict(prior_dtype=torch.int8), TypeError, "prior_dtype"),
+])
+def test_bad_arguments_raise_before_touching_the_model(kwargs, error, match):
+    model, _ = build("unet")
+    state = model.state_dict()
+    with pytest.raises(error, match=match):
+        bd.patch(model, **kwargs)
+    assert not bd.bayesian_modules(model) and model.state_dict().keys() == state.keys()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_other_errors():
+    with pytest.raises(TypeError, match="model"):
+        bd.patch("unet")
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="preset 'paper-dreambooth' matched no Linear"):
+        bd.patch(mlp)
+    with pytest.raises(ValueError, match="no Bayesian module"):
+        bd.kl_loss(mlp)
+    assert bd.merge(mlp) == [] and bd.unpatch(mlp) == []
+    assert bd.patch(mlp, "all-linear") == ["0", "2"]
+    with pytest.raises(TypeError, match="nn.Linear"):
+        BayesLinear.from_linear(nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match="meta"):
+        BayesLinear.from_linear(nn.Linear(2, 2, device="meta"))
+
+
+def test_bnn_diffusion_never_imports_triton():
+    package = pathlib.Path(bd.__file__).parent
+    for source in package.rglob("*.py"):
+        assert not re.search(r"^\s*(import|from)\s+triton\b", source.read_text(), re.M), source
