@@ -94,15 +94,25 @@ def cuda_extension() -> tuple[CUDAExtension | None, str]:
     return extension, f"building CUDA extension (CUDA {torch.version.cuda})"
 
 
-def extensions() -> list:
+def extensions() -> tuple[list, str]:
+    """The extensions to build and the one line that says so."""
     modules = [cpu_extension()]
     cuda, reason = cuda_extension()
     if cuda is None:
-        print(f"bnn-diffusion: building C++ CPU extension; CUDA extension skipped: {reason}", flush=True)
-    else:
-        modules.append(cuda)
-        print(f"bnn-diffusion: building C++ CPU extension; {reason}", flush=True)
-    return modules
+        return modules, f"bnn-diffusion: building C++ CPU extension; CUDA extension skipped: {reason}"
+    modules.append(cuda)
+    return modules, f"bnn-diffusion: building C++ CPU extension; {reason}"
+
+
+EXTENSIONS, BUILD_SUMMARY = extensions()
+
+
+class BuildExtensions(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension (ninja), saying once what it builds."""
+
+    def run(self):
+        print(BUILD_SUMMARY, flush=True)
+        super().run()
 
 
 PACKAGES = sorted(
@@ -112,7 +122,7 @@ PACKAGES = sorted(
 
 setup(
     packages=PACKAGES,
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=EXTENSIONS,
+    cmdclass={"build_ext": BuildExtensions},
     zip_safe=False,
 )

@@ -168,8 +168,8 @@ BNN_ALWAYS_INLINE void grad_loop(const PosteriorBlock<T>& post, const PriorTerms
   const T gk_inv_var = static_cast<T>(prior.grad_scale * prior.inv_var);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const T rho = rho_ptr[i];
-    const T sigma = sigma_of(rho, kSoftplus);
+    T sigma, derivative;
+    sigma_and_derivative(rho_ptr[i], kSoftplus, sigma, derivative);
     const T kl_dmu = gk_inv_var * prior_diff<T, kPrior>(mu_ptr, prior_ptr, i);
     const T kl_dsigma = gk_inv_var * sigma - gk / sigma;
     T dsigma;
@@ -183,7 +183,7 @@ BNN_ALWAYS_INLINE void grad_loop(const PosteriorBlock<T>& post, const PriorTerms
       dmu[i] = kl_dmu;
       dsigma = kl_dsigma;
     }
-    drho[i] = dsigma * dsigma_drho(rho, kSoftplus);
+    drho[i] = dsigma * derivative;
   }
 }
 

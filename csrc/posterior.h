@@ -76,6 +76,21 @@ BNN_INLINE T dsigma_drho(T rho, bool softplus_param) {
   return rho >= static_cast<T>(kMinSigma) ? T(1) : T(0);
 }
 
+// sigma = s(rho) and ds/drho together; softplus and sigmoid share one exp(-|rho|).
+template <typename T>
+BNN_INLINE void sigma_and_derivative(T rho, bool softplus_param, T& sigma, T& derivative) {
+  if (softplus_param) {
+    const T a = rho < T(0) ? -rho : rho;
+    const T e = vec::exp(-a);
+    const T inv = T(1) / (T(1) + e);
+    sigma = (rho > T(0) ? rho : T(0)) + vec::log1p(e);
+    derivative = rho >= T(0) ? inv : e * inv;
+  } else {
+    sigma = sigma_of(rho, false);
+    derivative = dsigma_drho(rho, false);
+  }
+}
+
 // KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)) of one element, diff = mu - prior_mu.
 template <typename T>
 BNN_INLINE T kl_term(T sigma, T diff, T log_prior_sigma, T inv_two_var) {
