@@ -115,9 +115,11 @@ class BuildExtensions(BuildExtension.with_options(use_ninja=True)):
         super().run()
 
 
+# The packages of the project, plus every regular subpackage added later (bnn_diffusion.study, ...).
+NAMED_PACKAGES = ["bnn_kernels", "bnn_kernels.triton", "bnn_diffusion"]
 PACKAGES = sorted(
-    {"bnn_kernels", "bnn_kernels.triton", "bnn_diffusion"}
-    | set(find_packages(include=["bnn_kernels", "bnn_kernels.*", "bnn_diffusion", "bnn_diffusion.*"]))
+    {name for name in NAMED_PACKAGES if os.path.isdir(os.path.join(ROOT, *name.split(".")))}
+    | set(find_packages(where=ROOT, include=["bnn_kernels", "bnn_kernels.*", "bnn_diffusion", "bnn_diffusion.*"]))
 )
 
 setup(
