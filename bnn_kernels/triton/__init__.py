@@ -1,0 +1,40 @@
+"""The Triton backend: fused Bayesian kernels with on-the-fly Philox weight noise.
+
+Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported).  The functions follow the backend contract of ``bnn_kernels.registry``:
+
+* ``philox_normal``      -> philox.py (tl.randn(seed, offset + i), int64 counters)
+* ``gaussian_kl_fwd/bwd`` -> kl.py (reduction with per-program partial sums; elementwise gradient)
+* ``linear_fwd/bwd``     -> linear.py (reparam and lrt GEMMs with noise generated in registers, KL fused)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+NAME = "triton"
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - the backend is simply unavailable
+    triton = None
+
+if triton is not None:
+    from .kl import gaussian_kl_bwd, gaussian_kl_fwd
+    from .linear import linear_bwd, linear_fwd
+    from .philox import philox_normal
+else:  # pragma: no cover
+    def _unavailable(*args, **kwargs):
+        raise RuntimeError("the triton backend needs the triton package")
+
+    philox_normal = gaussian_kl_fwd = gaussian_kl_bwd = linear_fwd = linear_bwd = _unavailable
+
+
+def is_available() -> bool:
+    """triton imports, and there is a GPU or Triton's interpreter is on."""
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+__all__ = ["NAME", "is_available", "philox_normal", "gaussian_kl_fwd", "gaussian_kl_bwd", "linear_fwd",
+           "linear_bwd"]

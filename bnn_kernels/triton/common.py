@@ -1,0 +1,85 @@
+"""Launch helpers shared by the Triton kernels: interpreter gating, autotune lists, GEMM precision, dtypes."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton reads TRITON_INTERPRET when it is imported; read it once here as well.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Every kernel indexes its operands with these names; what they tile depends on the kernel (see linear.py).
+_BLOCK_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
+def tuned(gpu_configs, key=("M", "N", "K")):
+    """``triton.autotune`` over ``gpu_configs`` on a GPU; the plain kernel under the interpreter.
+
+    The interpreter cannot autotune over several configs, so there the launcher passes ``interpreter_meta``.
+    """
+    def wrap(kernel):
+        if INTERPRET:
+            return kernel
+        return triton.autotune(configs=gpu_configs, key=list(key))(kernel)
+    return wrap
+
+
+def gemm_configs(shapes):
+    """triton.Config list from (block_m, block_n, block_k, num_warps, num_stages) tuples."""
+    return [triton.Config(dict(zip(_BLOCK_NAMES, shape[:3])), num_warps=shape[3], num_stages=shape[4])
+            for shape in shapes]
+
+
+def interpreter_meta(block_m=32, block_n=32, block_k=32):
+    """Meta-parameters passed explicitly when interpreting (empty on a GPU, where autotune picks them)."""
+    if not INTERPRET:
+        return {}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+
+
+def dot_precision() -> str:
+    """tl.dot input precision for float32 operands: tf32 only where torch allows it for matmuls."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def var_in_float32(x_dtype: torch.dtype) -> bool:
+    """The lrt variance GEMM runs in float32 for float32 x, else in bfloat16 (float16 cannot hold sigma^2)."""
+    return x_dtype == torch.float32
+
+
+def prior_constants(prior_sigma: float):
+    """(log ps, 1 / (2 ps^2), 1 / ps^2), computed in float64 on the host."""
+    prior_sigma = float(prior_sigma)
+    return math.log(prior_sigma), 0.5 / (prior_sigma * prior_sigma), 1.0 / (prior_sigma * prior_sigma)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# jit helpers that keep the interpreter numerically faithful to the GPU
+# ----------------------------------------------------------------------------------------------------------------
+# The interpreter stores bfloat16 as uint16: its float32 -> bfloat16 cast truncates (the GPU rounds to nearest
+# even) and its tl.dot cannot multiply bfloat16.  On a GPU both helpers reduce to a plain cast / tl.dot.
+IS_INTERPRET = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def to_dtype(t, dtype: tl.constexpr):
+    """t cast to ``dtype``, rounding to nearest even (as the GPU does)."""
+    if IS_INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = t.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            t = bits.to(tl.float32, bitcast=True)
+    return t.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b with float32 accumulation."""
+    if IS_INTERPRET:
+        if a.dtype == tl.bfloat16:  # exact: bfloat16 products are exact in float32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)

@@ -1,0 +1,138 @@
+"""sigma = s(rho), s'(rho) and the Gaussian KL in Triton: the jit helpers every kernel uses, and the KL ops.
+
+The helpers are the one Triton definition of the formulas of ``bnn_kernels.sigma`` (linear.py calls them in its
+GEMM loops and epilogues).  All of them work on float32 tiles.
+
+* ``gaussian_kl_fwd``: a reduction; each program writes the float32 sum of its block to a small buffer that the
+  host sums (deterministic: no atomics).
+* ``gaussian_kl_bwd``: elementwise dmu, drho, scaled by grad_kl loaded from a pointer (no host sync).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, prior_constants, to_dtype
+
+MIN_SIGMA = 1e-7  # bnn_kernels.sigma.MIN_SIGMA: the "direct" parameterisation clamps sigma here
+
+
+@triton.jit
+def _softplus_parts(rho):
+    """softplus(rho) and z = exp(-|rho|), with log1p(z) computed accurately (log(u) * z / (u - 1), u = 1 + z)."""
+    z = tl.exp(-tl.abs(rho))
+    u = 1.0 + z
+    log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(rho, 0.0) + log1p_z, z
+
+
+@triton.jit
+def sigma_of(rho, SOFTPLUS: tl.constexpr):
+    """sigma = softplus(rho), or rho clamped at 1e-7 ("direct")."""
+    if SOFTPLUS:
+        sigma, _ = _softplus_parts(rho)
+    else:
+        sigma = tl.maximum(rho, 1e-7)
+    return sigma
+
+
+@triton.jit
+def sigma_and_slope(rho, SOFTPLUS: tl.constexpr):
+    """(sigma, d sigma / d rho): sigmoid(rho) for softplus, [rho >= 1e-7] for direct."""
+    if SOFTPLUS:
+        sigma, z = _softplus_parts(rho)
+        slope = tl.where(rho >= 0.0, 1.0 / (1.0 + z), z / (1.0 + z))
+    else:
+        sigma = tl.maximum(rho, 1e-7)
+        slope = tl.where(rho >= 1e-7, 1.0, 0.0)
+    return sigma, slope
+
+
+@triton.jit
+def kl_terms(mu, sigma, prior, log_ps, half_inv_ps2, HAS_PRIOR: tl.constexpr):
+    """Elementwise KL(N(mu, sigma^2) || N(prior, ps^2)) = log(ps/sigma) + (sigma^2 + (mu - prior)^2)/(2 ps^2) - 1/2."""
+    if HAS_PRIOR:
+        diff = mu - prior
+    else:
+        diff = mu
+    return log_ps - tl.log(sigma) + (sigma * sigma + diff * diff) * half_inv_ps2 - 0.5
+
+
+@triton.jit
+def kl_grads(mu, sigma, prior, gk, inv_ps2, HAS_PRIOR: tl.constexpr):
+    """gk * dKL/dmu = gk (mu - prior) / ps^2 and gk * dKL/dsigma = gk (sigma / ps^2 - 1 / sigma)."""
+    if HAS_PRIOR:
+        diff = mu - prior
+    else:
+        diff = mu
+    return gk * diff * inv_ps2, gk * (sigma * inv_ps2 - 1.0 / sigma)
+
+
+@triton.jit
+def _kl_fwd_kernel(mu_ptr, rho_ptr, prior_ptr, partial_ptr, numel, log_ps, half_inv_ps2,
+                   HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    prior = mu
+    if HAS_PRIOR:
+        prior = tl.load(prior_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    terms = kl_terms(mu, sigma_of(rho, SOFTPLUS), prior, log_ps, half_inv_ps2, HAS_PRIOR)
+    tl.store(partial_ptr + pid, tl.sum(tl.where(mask, terms, 0.0), axis=0))
+
+
+@triton.jit
+def _kl_bwd_kernel(gk_ptr, mu_ptr, rho_ptr, prior_ptr, dmu_ptr, drho_ptr, numel, inv_ps2,
+                   HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    gk = tl.load(gk_ptr).to(tl.float32)
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    prior = mu
+    if HAS_PRIOR:
+        prior = tl.load(prior_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sigma, slope = sigma_and_slope(rho, SOFTPLUS)
+    dmu, dsigma = kl_grads(mu, sigma, prior, gk, inv_ps2, HAS_PRIOR)
+    tl.store(dmu_ptr + offs, to_dtype(dmu, dmu_ptr.dtype.element_ty), mask=mask)
+    tl.store(drho_ptr + offs, to_dtype(dsigma * slope, drho_ptr.dtype.element_ty), mask=mask)
+
+
+_FWD_BLOCK = 1024 if INTERPRET else 4096
+_BWD_BLOCK = 1024
+
+
+def gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param):
+    mu = mu.contiguous().view(-1)
+    rho = rho.contiguous().view(-1)
+    prior = None if prior_mu is None else prior_mu.contiguous().view(-1)
+    numel = mu.numel()
+    if numel == 0:
+        return torch.zeros((), dtype=torch.float32, device=mu.device)
+    log_ps, half_inv_ps2, _ = prior_constants(prior_sigma)
+    grid = triton.cdiv(numel, _FWD_BLOCK)
+    partial = torch.empty(grid, dtype=torch.float32, device=mu.device)
+    _kl_fwd_kernel[(grid,)](mu, rho, mu if prior is None else prior, partial, numel, log_ps, half_inv_ps2,
+                            HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_FWD_BLOCK,
+                            num_warps=8)
+    return partial.sum()
+
+
+def gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param):
+    shape = mu.shape
+    mu = mu.contiguous().view(-1)
+    rho = rho.contiguous().view(-1)
+    prior = None if prior_mu is None else prior_mu.contiguous().view(-1)
+    dmu = torch.empty_like(mu)
+    drho = torch.empty_like(rho)
+    numel = mu.numel()
+    if numel > 0:
+        _, _, inv_ps2 = prior_constants(prior_sigma)
+        grad_kl = grad_kl.to(device=mu.device, dtype=torch.float32).contiguous()
+        _kl_bwd_kernel[(triton.cdiv(numel, _BWD_BLOCK),)](
+            grad_kl, mu, rho, mu if prior is None else prior, dmu, drho, numel, inv_ps2,
+            HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_BWD_BLOCK, num_warps=4)
+    return dmu.view(shape), drho.view(shape)
