@@ -1,6 +1,6 @@
 // Registers the CPU operators as torch.ops.bnn_cpu.* and makes the library importable as bnn_kernels._C.
-#include <torch/library.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include "ops.h"
 

@@ -1,27 +1,22 @@
 // OpenMP + SIMD loops of kernels.h.
 //
-// Each kernel is a template `*_chunk_impl<T>` over one chunk [begin, end), instantiated twice: for float in a
-// function the compiler clones per instruction set (AVX-512, AVX2, baseline; picked at load time), for double in a
-// plain function.  The drivers run the chunks in parallel.  Built with -ffp-contract=off, so every clone computes
-// the same bits.
+// Each kernel is a loop template over one chunk [begin, end), specialised on the flags that are fixed per call
+// (sigma_param, prior_mu present, ...) so that every loop vectorises.  It is instantiated twice: for float inside a
+// function the compiler clones per instruction set (x86-64-v4 / v3 / baseline, picked at load time), for double in
+// a plain function.  The drivers run the chunks in parallel.  Built with -ffp-contract=off, so every clone
+// computes the same bits.
 #include "kernels.h"
+
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include <ATen/Parallel.h>
-
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
 #define BNN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BNN_SIMD_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define BNN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define BNN_ALWAYS_INLINE inline
 #endif
 
 namespace bnn {
@@ -58,19 +53,19 @@ double for_each_chunk(int64_t n, const ChunkFn& chunk) {
   }
 
 // The block's pointers as locals, so that stores in a loop cannot be taken to change them.
-#define BNN_UNPACK_POSTERIOR(post)                \
-  const T* __restrict mu_ptr = (post).mu;         \
-  const T* __restrict rho_ptr = (post).rho;       \
+#define BNN_UNPACK_POSTERIOR(post)          \
+  const T* __restrict mu_ptr = (post).mu;   \
+  const T* __restrict rho_ptr = (post).rho; \
   const T* __restrict prior_ptr = (post).prior_mu;
 
 template <typename T, bool kPrior>
-BNN_ALWAYS_INLINE T prior_diff(const T* mu, const T* prior_mu, int64_t i) {
+BNN_INLINE T prior_diff(const T* mu, const T* prior_mu, int64_t i) {
   return kPrior ? mu[i] - prior_mu[i] : mu[i];
 }
 
 // --- chunk kernels ---------------------------------------------------------------------------------------------
 
-BNN_ALWAYS_INLINE void normals_chunk_impl(PhiloxKey key, uint64_t offset, int64_t begin, int64_t end, float* out) {
+BNN_INLINE void normals_chunk_impl(PhiloxKey key, uint64_t offset, int64_t begin, int64_t end, float* out) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) out[i] = philox_normal(key, offset + static_cast<uint64_t>(i));
 }
@@ -80,8 +75,8 @@ BNN_SIMD_CLONES void normals_chunk(PhiloxKey key, uint64_t offset, int64_t begin
 }
 
 template <typename T, bool kSoftplus, bool kPrior, bool kKl, bool kEps>
-BNN_ALWAYS_INLINE double sample_loop(PhiloxKey key, uint64_t offset, const PosteriorBlock<T>& post,
-                                     const PriorTerms& prior, T* w, float* eps_out, int64_t begin, int64_t end) {
+BNN_INLINE double sample_loop(PhiloxKey key, uint64_t offset, const PosteriorBlock<T>& post, const PriorTerms& prior,
+                              T* w, float* eps_out, int64_t begin, int64_t end) {
   BNN_UNPACK_POSTERIOR(post)
   const T log_ps = static_cast<T>(prior.log_sigma);
   const T inv_two_var = static_cast<T>(prior.inv_two_var);
@@ -92,20 +87,23 @@ BNN_ALWAYS_INLINE double sample_loop(PhiloxKey key, uint64_t offset, const Poste
     const T sigma = sigma_of(rho_ptr[i], kSoftplus);
     w[i] = mu_ptr[i] + sigma * static_cast<T>(eps);
     if (kEps) eps_out[i] = eps;
-    if (kKl) kl += static_cast<double>(kl_term(sigma, prior_diff<T, kPrior>(mu_ptr, prior_ptr, i), log_ps, inv_two_var));
+    if (kKl)
+      kl += static_cast<double>(kl_term(sigma, prior_diff<T, kPrior>(mu_ptr, prior_ptr, i), log_ps, inv_two_var));
   }
   return kl;
 }
 
 template <typename T>
-BNN_ALWAYS_INLINE double sample_chunk_impl(PhiloxKey key, uint64_t offset, const PosteriorBlock<T>& post,
-                                           bool softplus_param, const PriorTerms& prior, T* w, float* eps_out,
-                                           bool with_kl, int64_t begin, int64_t end) {
+BNN_INLINE double sample_chunk_impl(PhiloxKey key, uint64_t offset, const PosteriorBlock<T>& post, bool softplus_param,
+                                    const PriorTerms& prior, T* w, float* eps_out, bool with_kl, int64_t begin,
+                                    int64_t end) {
+  // clang-format off
   BNN_DISPATCH_BOOL(softplus_param, kSoftplus,
     BNN_DISPATCH_BOOL(post.prior_mu != nullptr, kPrior,
       BNN_DISPATCH_BOOL(with_kl, kKl,
         BNN_DISPATCH_BOOL(eps_out != nullptr, kEps,
           return sample_loop<T, kSoftplus, kPrior, kKl, kEps>(key, offset, post, prior, w, eps_out, begin, end);))))
+  // clang-format on
 }
 
 BNN_SIMD_CLONES double sample_chunk(PhiloxKey key, uint64_t offset, const PosteriorBlock<float>& post,
@@ -121,8 +119,8 @@ double sample_chunk(PhiloxKey key, uint64_t offset, const PosteriorBlock<double>
 
 // s2 = sigma^2 (when kS2) and the KL sum (when kKl).
 template <typename T, bool kSoftplus, bool kPrior, bool kKl, bool kS2>
-BNN_ALWAYS_INLINE double sigma_loop(const PosteriorBlock<T>& post, const PriorTerms& prior, T* s2, int64_t begin,
-                                    int64_t end) {
+BNN_INLINE double sigma_loop(const PosteriorBlock<T>& post, const PriorTerms& prior, T* s2, int64_t begin,
+                             int64_t end) {
   BNN_UNPACK_POSTERIOR(post)
   const T log_ps = static_cast<T>(prior.log_sigma);
   const T inv_two_var = static_cast<T>(prior.inv_two_var);
@@ -131,20 +129,22 @@ BNN_ALWAYS_INLINE double sigma_loop(const PosteriorBlock<T>& post, const PriorTe
   for (int64_t i = begin; i < end; ++i) {
     const T sigma = sigma_of(rho_ptr[i], kSoftplus);
     if (kS2) s2[i] = sigma * sigma;
-    if (kKl) kl += static_cast<double>(kl_term(sigma, prior_diff<T, kPrior>(mu_ptr, prior_ptr, i), log_ps, inv_two_var));
+    if (kKl)
+      kl += static_cast<double>(kl_term(sigma, prior_diff<T, kPrior>(mu_ptr, prior_ptr, i), log_ps, inv_two_var));
   }
   return kl;
 }
 
 template <typename T>
-BNN_ALWAYS_INLINE double sigma_chunk_impl(const PosteriorBlock<T>& post, bool softplus_param,
-                                          const PriorTerms& prior, T* s2, bool with_kl, int64_t begin,
-                                          int64_t end) {
+BNN_INLINE double sigma_chunk_impl(const PosteriorBlock<T>& post, bool softplus_param, const PriorTerms& prior, T* s2,
+                                   bool with_kl, int64_t begin, int64_t end) {
+  // clang-format off
   BNN_DISPATCH_BOOL(softplus_param, kSoftplus,
     BNN_DISPATCH_BOOL(post.prior_mu != nullptr, kPrior,
       BNN_DISPATCH_BOOL(with_kl, kKl,
         BNN_DISPATCH_BOOL(s2 != nullptr, kS2,
           return sigma_loop<T, kSoftplus, kPrior, kKl, kS2>(post, prior, s2, begin, end);))))
+  // clang-format on
 }
 
 BNN_SIMD_CLONES double sigma_chunk(const PosteriorBlock<float>& post, bool softplus_param, const PriorTerms& prior,
@@ -161,8 +161,8 @@ double sigma_chunk(const PosteriorBlock<double>& post, bool softplus_param, cons
 enum class GradKind { kReparam, kLrt, kKlOnly };
 
 template <typename T, GradKind kKind, bool kSoftplus, bool kPrior>
-BNN_ALWAYS_INLINE void grad_loop(const PosteriorBlock<T>& post, const PriorTerms& prior, const T* g_mean,
-                                 const T* g_sigma, const float* eps, T* dmu, T* drho, int64_t begin, int64_t end) {
+BNN_INLINE void grad_loop(const PosteriorBlock<T>& post, const PriorTerms& prior, const T* g_mean, const T* g_sigma,
+                          const float* eps, T* dmu, T* drho, int64_t begin, int64_t end) {
   BNN_UNPACK_POSTERIOR(post)
   const T gk = static_cast<T>(prior.grad_scale);
   const T gk_inv_var = static_cast<T>(prior.grad_scale * prior.inv_var);
@@ -188,9 +188,10 @@ BNN_ALWAYS_INLINE void grad_loop(const PosteriorBlock<T>& post, const PriorTerms
 }
 
 template <typename T>
-BNN_ALWAYS_INLINE void grad_chunk_impl(const PosteriorBlock<T>& post, bool softplus_param, const PriorTerms& prior,
-                                       GradKind kind, const T* g_mean, const T* g_sigma, const float* eps, T* dmu,
-                                       T* drho, int64_t begin, int64_t end) {
+BNN_INLINE void grad_chunk_impl(const PosteriorBlock<T>& post, bool softplus_param, const PriorTerms& prior,
+                                GradKind kind, const T* g_mean, const T* g_sigma, const float* eps, T* dmu, T* drho,
+                                int64_t begin, int64_t end) {
+  // clang-format off
   BNN_DISPATCH_BOOL(softplus_param, kSoftplus,
     BNN_DISPATCH_BOOL(post.prior_mu != nullptr, kPrior,
       switch (kind) {
@@ -205,23 +206,24 @@ BNN_ALWAYS_INLINE void grad_chunk_impl(const PosteriorBlock<T>& post, bool softp
           grad_loop<T, GradKind::kKlOnly, kSoftplus, kPrior>(post, prior, g_mean, g_sigma, eps, dmu, drho, begin,
                                                              end);
       }))
+  // clang-format on
 }
 
 BNN_SIMD_CLONES void grad_chunk(const PosteriorBlock<float>& post, bool softplus_param, const PriorTerms& prior,
-                                GradKind kind, const float* g_mean, const float* g_sigma, const float* eps,
-                                float* dmu, float* drho, int64_t begin, int64_t end) {
+                                GradKind kind, const float* g_mean, const float* g_sigma, const float* eps, float* dmu,
+                                float* drho, int64_t begin, int64_t end) {
   grad_chunk_impl(post, softplus_param, prior, kind, g_mean, g_sigma, eps, dmu, drho, begin, end);
 }
 
 void grad_chunk(const PosteriorBlock<double>& post, bool softplus_param, const PriorTerms& prior, GradKind kind,
-                const double* g_mean, const double* g_sigma, const float* eps, double* dmu, double* drho,
-                int64_t begin, int64_t end) {
+                const double* g_mean, const double* g_sigma, const float* eps, double* dmu, double* drho, int64_t begin,
+                int64_t end) {
   grad_chunk_impl(post, softplus_param, prior, kind, g_mean, g_sigma, eps, dmu, drho, begin, end);
 }
 
 template <typename T, bool kBias>
-BNN_ALWAYS_INLINE void lrt_output_loop(PhiloxKey key, int64_t cols, const T* mean, const T* var, const T* bias, T* y,
-                                       T* std_out, int64_t begin, int64_t end) {
+BNN_INLINE void lrt_output_loop(PhiloxKey key, int64_t cols, const T* mean, const T* var, const T* bias, T* y,
+                                T* std_out, int64_t begin, int64_t end) {
   // Walk the chunk one row segment at a time so that bias is indexed without a division per element.
   int64_t i = begin;
   while (i < end) {
@@ -240,10 +242,12 @@ BNN_ALWAYS_INLINE void lrt_output_loop(PhiloxKey key, int64_t cols, const T* mea
 }
 
 template <typename T>
-BNN_ALWAYS_INLINE void lrt_output_chunk_impl(PhiloxKey key, int64_t cols, const T* mean, const T* var,
-                                             const T* bias, T* y, T* std_out, int64_t begin, int64_t end) {
+BNN_INLINE void lrt_output_chunk_impl(PhiloxKey key, int64_t cols, const T* mean, const T* var, const T* bias, T* y,
+                                      T* std_out, int64_t begin, int64_t end) {
+  // clang-format off
   BNN_DISPATCH_BOOL(bias != nullptr, kBias,
     lrt_output_loop<T, kBias>(key, cols, mean, var, bias, y, std_out, begin, end);)
+  // clang-format on
 }
 
 BNN_SIMD_CLONES void lrt_output_chunk(PhiloxKey key, int64_t cols, const float* mean, const float* var,
@@ -251,14 +255,14 @@ BNN_SIMD_CLONES void lrt_output_chunk(PhiloxKey key, int64_t cols, const float* 
   lrt_output_chunk_impl(key, cols, mean, var, bias, y, std_out, begin, end);
 }
 
-void lrt_output_chunk(PhiloxKey key, int64_t cols, const double* mean, const double* var, const double* bias,
-                      double* y, double* std_out, int64_t begin, int64_t end) {
+void lrt_output_chunk(PhiloxKey key, int64_t cols, const double* mean, const double* var, const double* bias, double* y,
+                      double* std_out, int64_t begin, int64_t end) {
   lrt_output_chunk_impl(key, cols, mean, var, bias, y, std_out, begin, end);
 }
 
 template <typename T>
-BNN_ALWAYS_INLINE void lrt_scaled_grad_chunk_impl(PhiloxKey key, const T* g, const T* std_in, T* u, int64_t begin,
-                                                  int64_t end) {
+BNN_INLINE void lrt_scaled_grad_chunk_impl(PhiloxKey key, const T* g, const T* std_in, T* u, int64_t begin,
+                                           int64_t end) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const T xi = static_cast<T>(philox_normal(key, static_cast<uint64_t>(i)));
@@ -268,8 +272,8 @@ BNN_ALWAYS_INLINE void lrt_scaled_grad_chunk_impl(PhiloxKey key, const T* g, con
   }
 }
 
-BNN_SIMD_CLONES void lrt_scaled_grad_chunk(PhiloxKey key, const float* g, const float* std_in, float* u,
-                                           int64_t begin, int64_t end) {
+BNN_SIMD_CLONES void lrt_scaled_grad_chunk(PhiloxKey key, const float* g, const float* std_in, float* u, int64_t begin,
+                                           int64_t end) {
   lrt_scaled_grad_chunk_impl(key, g, std_in, u, begin, end);
 }
 
@@ -360,17 +364,17 @@ void lrt_scaled_grad(PhiloxKey key, int64_t n, const T* g, const T* std_in, T* u
   });
 }
 
-#define BNN_INSTANTIATE(T)                                                                                        \
-  template double sample_weight<T>(PhiloxKey, uint64_t, const PosteriorBlock<T>&, SigmaParam, const PriorTerms&,  \
-                                   T*, float*, bool);                                                             \
-  template double sigma_squared<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, T*, bool);            \
-  template double kl_sum<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&);                             \
-  template void posterior_grad_reparam<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, const T*,      \
-                                          const float*, T*, T*);                                                  \
-  template void posterior_grad_lrt<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, const T*,          \
-                                      const T*, T*, T*);                                                          \
-  template void posterior_grad_kl<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, T*, T*);            \
-  template void lrt_output<T>(PhiloxKey, int64_t, int64_t, const T*, const T*, const T*, T*, T*);                 \
+#define BNN_INSTANTIATE(T)                                                                                             \
+  template double sample_weight<T>(PhiloxKey, uint64_t, const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, T*,   \
+                                   float*, bool);                                                                      \
+  template double sigma_squared<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, T*, bool);                 \
+  template double kl_sum<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&);                                  \
+  template void posterior_grad_reparam<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, const T*,           \
+                                          const float*, T*, T*);                                                       \
+  template void posterior_grad_lrt<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, const T*, const T*, T*, \
+                                      T*);                                                                             \
+  template void posterior_grad_kl<T>(const PosteriorBlock<T>&, SigmaParam, const PriorTerms&, T*, T*);                 \
+  template void lrt_output<T>(PhiloxKey, int64_t, int64_t, const T*, const T*, const T*, T*, T*);                      \
   template void lrt_scaled_grad<T>(PhiloxKey, int64_t, const T*, const T*, T*);
 
 BNN_INSTANTIATE(float)

@@ -34,8 +34,7 @@ LinearProblem make_problem(const char* op, const at::Tensor& x, const at::Tensor
   check_cpu_float(rho, "rho");
   TORCH_CHECK(x.dim() == 2, "bnn_cpu.", op, ": x must be 2-D (M, K), got shape ", x.sizes());
   TORCH_CHECK(mu.dim() == 2, "bnn_cpu.", op, ": mu must be 2-D (N, K), got shape ", mu.sizes());
-  TORCH_CHECK(x.size(1) == mu.size(1), "bnn_cpu.", op, ": x ", x.sizes(), " and mu ", mu.sizes(),
-              " disagree on K");
+  TORCH_CHECK(x.size(1) == mu.size(1), "bnn_cpu.", op, ": x ", x.sizes(), " and mu ", mu.sizes(), " disagree on K");
   TORCH_CHECK(rho.sizes() == mu.sizes(), "bnn_cpu.", op, ": rho must have mu's shape ", mu.sizes(), ", got ",
               rho.sizes());
   LinearProblem p;
@@ -62,9 +61,7 @@ LinearProblem make_problem(const char* op, const at::Tensor& x, const at::Tensor
 
 // A block of weight values as a GEMM operand: rounded to x's dtype (what a GEMM in x's dtype would read), held in
 // the GEMM type.  Both conversions are no-ops for float32.
-at::Tensor gemm_operand(const at::Tensor& w, const LinearProblem& p) {
-  return w.to(p.x_type).to(p.gemm_type);
-}
+at::Tensor gemm_operand(const at::Tensor& w, const LinearProblem& p) { return w.to(p.x_type).to(p.gemm_type); }
 
 at::Tensor kl_tensor(double kl, const LinearProblem& p) {
   return at::scalar_tensor(kl, p.mu.options().dtype(compute_type(p.mu.scalar_type())));
@@ -91,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_fwd(const LinearProblem& 
     const int64_t rows = std::min(p.block, p.n - row);
     const PosteriorRows<P> post(p.mu, p.rho, p.prior_mu, row, rows);
     at::Tensor w = w_buffer.narrow(0, 0, rows * p.k).view({rows, p.k});
-    kl += sample_weight<P>(p.key, static_cast<uint64_t>(row * p.k), post.block(), p.sigma_param, prior,
-                           w.data_ptr<P>(), nullptr, true);
+    kl += sample_weight<P>(p.key, static_cast<uint64_t>(row * p.k), post.block(), p.sigma_param, prior, w.data_ptr<P>(),
+                           nullptr, true);
     mm_into_columns(y, row, rows, xg, gemm_operand(w, p));
   }
   if (bias.defined()) y.add_(bias.to(p.gemm_type));
@@ -115,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_bwd(const LinearProblem& 
     const PosteriorRows<P> post(p.mu, p.rho, p.prior_mu, row, rows);
     at::Tensor w = w_buffer.narrow(0, 0, rows * p.k).view({rows, p.k});
     float* eps = eps_buffer.data_ptr<float>();
-    sample_weight<P>(p.key, static_cast<uint64_t>(row * p.k), post.block(), p.sigma_param, prior, w.data_ptr<P>(),
-                     eps, false);
+    sample_weight<P>(p.key, static_cast<uint64_t>(row * p.k), post.block(), p.sigma_param, prior, w.data_ptr<P>(), eps,
+                     false);
     const at::Tensor g_block = gg.narrow(1, row, rows);  // (M, rows), row stride N
     if (need_dx) dx.addmm_(g_block, gemm_operand(w, p));
     const at::Tensor grad_w = as_type(at::mm(g_block.t(), xg), pt);  // (rows, K)
@@ -180,15 +177,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_fwd(const LinearProblem& p, c
 
 template <typename P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_bwd(const LinearProblem& p, const at::Tensor& grad_y,
-                                                       const at::Tensor& std, const PriorTerms& prior,
-                                                       bool need_dx) {
+                                                       const at::Tensor& std, const PriorTerms& prior, bool need_dx) {
   const auto pt = c10::CppTypeToScalarType<P>::value;
   const at::Tensor xg = as_type(p.x, p.gemm_type);
   const at::Tensor gg = as_type(grad_y, p.gemm_type);
   const at::Tensor x_sq = xg * xg;
   // the output std kept by the forward, or recomputed when the caller kept none
-  const at::Tensor std_g = std.numel() > 0 ? as_type(std, p.gemm_type)
-                                           : lrt_variance<P>(p, x_sq, prior, nullptr).sqrt_();
+  const at::Tensor std_g =
+      std.numel() > 0 ? as_type(std, p.gemm_type) : lrt_variance<P>(p, x_sq, prior, nullptr).sqrt_();
   at::Tensor u = at::empty({p.m, p.n}, xg.options());
   if (p.gemm_type == at::kDouble) {
     lrt_scaled_grad<double>(p.key, p.m * p.n, gg.data_ptr<double>(), std_g.data_ptr<double>(), u.data_ptr<double>());
@@ -240,8 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, c
   at::Tensor bias_t;
   if (bias.has_value() && bias->defined()) {
     check_cpu_float(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.n, "bnn_cpu.linear_fwd: bias must have shape (", p.n,
-                ",), got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.n, "bnn_cpu.linear_fwd: bias must have shape (", p.n, ",), got ",
+                bias->sizes());
     bias_t = *bias;
   }
   const PriorTerms prior(prior_sigma);
@@ -252,19 +248,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, c
   return f64 ? lrt_fwd<double>(p, bias_t, prior) : lrt_fwd<float>(p, bias_t, prior);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad_y, const at::Tensor& grad_kl,
-                                                          const at::Tensor& x, const at::Tensor& mu,
-                                                          const at::Tensor& rho,
-                                                          const c10::optional<at::Tensor>& prior_mu,
-                                                          const at::Tensor& seed, const at::Tensor& std,
-                                                          double prior_sigma, c10::string_view sigma_param,
-                                                          c10::string_view estimator, bool need_dx) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(
+    const at::Tensor& grad_y, const at::Tensor& grad_kl, const at::Tensor& x, const at::Tensor& mu,
+    const at::Tensor& rho, const c10::optional<at::Tensor>& prior_mu, const at::Tensor& seed, const at::Tensor& std,
+    double prior_sigma, c10::string_view sigma_param, c10::string_view estimator, bool need_dx) {
   const LinearProblem p = make_problem("linear_bwd", x, mu, rho, prior_mu, seed, sigma_param, estimator);
   check_cpu_float(grad_y, "grad_y");
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == p.m && grad_y.size(1) == p.n,
               "bnn_cpu.linear_bwd: grad_y must have shape (", p.m, ", ", p.n, "), got ", grad_y.sizes());
-  TORCH_CHECK(grad_kl.numel() == 1, "bnn_cpu.linear_bwd: grad_kl must have one element, got shape ",
-              grad_kl.sizes());
+  TORCH_CHECK(grad_kl.numel() == 1, "bnn_cpu.linear_bwd: grad_kl must have one element, got shape ", grad_kl.sizes());
   const PriorTerms prior(prior_sigma, grad_kl.item<double>());
   const bool f64 = compute_type(p.mu.scalar_type()) == at::kDouble;
   if (p.estimator == Estimator::kReparam) {

@@ -3,12 +3,12 @@
 // shape or absent; float32/float16/bfloat16 (float64 for gradcheck).
 #pragma once
 
-#include <cstdint>
-#include <tuple>
-
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <tuple>
 
 namespace bnn {
 
@@ -32,12 +32,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, c
                                                           c10::string_view sigma_param, c10::string_view estimator);
 
 // (dx in x's dtype or an empty tensor when not need_dx, dmu, drho in mu's dtype), KL gradient included.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad_y, const at::Tensor& grad_kl,
-                                                          const at::Tensor& x, const at::Tensor& mu,
-                                                          const at::Tensor& rho,
-                                                          const c10::optional<at::Tensor>& prior_mu,
-                                                          const at::Tensor& seed, const at::Tensor& std,
-                                                          double prior_sigma, c10::string_view sigma_param,
-                                                          c10::string_view estimator, bool need_dx);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(
+    const at::Tensor& grad_y, const at::Tensor& grad_kl, const at::Tensor& x, const at::Tensor& mu,
+    const at::Tensor& rho, const c10::optional<at::Tensor>& prior_mu, const at::Tensor& seed, const at::Tensor& std,
+    double prior_sigma, c10::string_view sigma_param, c10::string_view estimator, bool need_dx);
 
 }  // namespace bnn

@@ -3,11 +3,11 @@
 // T is float (float32/float16/bfloat16 parameters, computed in float32) or double (float64 parameters).
 #pragma once
 
-#include <cmath>
-#include <string>
-
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
+
+#include <cmath>
+#include <string>
 
 #include "vec_math.h"
 

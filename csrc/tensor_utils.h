@@ -1,10 +1,10 @@
 // Argument checks and the small tensor helpers the CPU operators share.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 #include <string>
-
-#include <ATen/ATen.h>
 
 #include "kernels.h"
 #include "philox.h"
@@ -48,8 +48,7 @@ struct PosteriorRows {
   }
 
   PosteriorBlock<T> block() const {
-    return {mu.data_ptr<T>(), rho.data_ptr<T>(), prior_mu.defined() ? prior_mu.data_ptr<T>() : nullptr,
-            mu.numel()};
+    return {mu.data_ptr<T>(), rho.data_ptr<T>(), prior_mu.defined() ? prior_mu.data_ptr<T>() : nullptr, mu.numel()};
   }
 };
 
