@@ -20,7 +20,6 @@ key             kind       meaning
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -28,36 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bnn_kernels as bk
+from bnn_kernels.checks import check_choice, check_positive_float
+from bnn_kernels.sigma import ESTIMATORS, SIGMA_PARAMS, sigma_from_rho
 
-# The names of the kernel contract (DESIGN.md section 3), checked here so a bad value fails when the layer is built.
-SIGMA_PARAMS = ("softplus", "direct")
-ESTIMATORS = ("reparam", "lrt")
-MIN_SIGMA = 1e-7  # "direct" clamps sigma here in the forward, as the kernels do
 SEED_HIGH = 2**62  # per-forward seeds are drawn uniformly from [0, SEED_HIGH)
-
-
-def check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite float, got {value}")
-    return value
 
 
 def rho_for_sigma(sigma: float, sigma_param: str) -> float:
     """The rho whose sigma is ``sigma``: sigma itself ("direct") or softplus^-1(sigma) = log(expm1(sigma))."""
     return sigma if sigma_param == "direct" else math.log(math.expm1(sigma))
-
-
-def sigma_from_rho(rho: torch.Tensor, sigma_param: str) -> torch.Tensor:
-    """sigma = softplus(rho), or rho clamped at 1e-7 for "direct" (what the kernels compute)."""
-    return F.softplus(rho) if sigma_param == "softplus" else torch.clamp_min(rho, MIN_SIGMA)
 
 
 def draw_seed() -> torch.Tensor:
@@ -134,8 +112,8 @@ class BayesLinear(BayesianModule):
                  prior_sigma: float = 0.01, sigma_param: str = "direct", estimator: str = "reparam",
                  prior_dtype: Optional[torch.dtype] = None, device=None, dtype=None) -> None:
         super().__init__()
-        self.sigma_init = check_positive("sigma_init", sigma_init)
-        self.prior_sigma = check_positive("prior_sigma", prior_sigma)
+        self.sigma_init = check_positive_float("sigma_init", sigma_init)
+        self.prior_sigma = check_positive_float("prior_sigma", prior_sigma)
         check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
         check_choice("estimator", estimator, ESTIMATORS)
         if prior_dtype is not None and not (isinstance(prior_dtype, torch.dtype) and prior_dtype.is_floating_point):

@@ -28,7 +28,10 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .layers import ESTIMATORS, SIGMA_PARAMS, BayesianModule, BayesLinear, check_choice, check_positive
+from bnn_kernels.checks import check_choice, check_positive_float
+from bnn_kernels.sigma import ESTIMATORS, SIGMA_PARAMS
+
+from .layers import BayesianModule, BayesLinear
 
 __all__ = ["Preset", "PRESETS", "patch", "kl_loss", "merge", "unpatch", "bayesian_modules"]
 
@@ -242,8 +245,8 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = _check_preset(preset)
-    options = dict(sigma_init=check_positive("sigma_init", sigma_init),
-                   prior_sigma=check_positive("prior_sigma", prior_sigma), sigma_param=sigma_param,
+    options = dict(sigma_init=check_positive_float("sigma_init", sigma_init),
+                   prior_sigma=check_positive_float("prior_sigma", prior_sigma), sigma_param=sigma_param,
                    estimator=estimator, rank=rank, bayes=spec.bayes or bayes, prior_dtype=prior_dtype)
     check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
     check_choice("estimator", estimator, ESTIMATORS)

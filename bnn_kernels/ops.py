@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import registry
+from .checks import check_choice, check_positive_float
 from .sigma import ESTIMATORS, SIGMA_PARAMS, kl_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -63,20 +64,6 @@ def _check_same_device(device: torch.device, **tensors) -> None:
             raise ValueError(f"{name} is on {tensor.device} but mu is on {device}: all tensors must share a device")
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_prior_sigma(prior_sigma) -> float:
-    if isinstance(prior_sigma, bool) or not isinstance(prior_sigma, numbers.Real):
-        raise TypeError(f"prior_sigma must be a positive float, got {type(prior_sigma).__name__}")
-    prior_sigma = float(prior_sigma)
-    if not (prior_sigma > 0 and math.isfinite(prior_sigma)):
-        raise ValueError(f"prior_sigma must be a positive finite float, got {prior_sigma}")
-    return prior_sigma
-
-
 def _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param) -> float:
     """Checks shared by every op: mu/rho/prior_mu shapes, dtypes, devices; returns prior_sigma as float."""
     _check_float("mu", mu)
@@ -90,8 +77,8 @@ def _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param) -> float:
         if prior_mu.shape != mu.shape:
             raise ValueError(f"prior_mu must have mu's shape {tuple(mu.shape)}, got {tuple(prior_mu.shape)}")
     _check_same_device(mu.device, rho=rho, prior_mu=prior_mu)
-    _check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
-    return _check_prior_sigma(prior_sigma)
+    check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
+    return check_positive_float("prior_sigma", prior_sigma)
 
 
 def _check_finite(**tensors) -> None:
@@ -145,7 +132,8 @@ def philox_normal(seed: SeedLike, shape: Sequence[int], *, offset: int = 0, devi
     numel = math.prod(shape)
     if offset + numel > 2**63:
         raise ValueError(f"offset + numel must stay below 2**63, got {offset} + {numel}")
-    _check_choice("dtype", dtype, SUPPORTED_DTYPES)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     if device is None:
         device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
@@ -283,7 +271,7 @@ def bayes_linear(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     ``mu``/``rho`` are ``(N, K)``; ``y`` is ``(..., N)`` in x's dtype and ``kl`` a float32 0-dim tensor.
     """
     prior_sigma = _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param)
-    _check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("estimator", estimator, ESTIMATORS)
     _check_float("x", x)
     if mu.dim() != 2:
         raise ValueError(f"mu must be 2-D (out_features, in_features), got shape {tuple(mu.shape)}")
