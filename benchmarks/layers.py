@@ -5,6 +5,9 @@ W = mu + sigma * eps and let autograd keep both for backward; the KL is a separa
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +34,23 @@ def paper_style_linear(x, mu, rho, bias, prior_mu, prior_sigma=0.01):
     return y, gaussian_kl_terms(mu, sigma, prior_mu, prior_sigma).sum()
 
 
+@contextlib.contextmanager
+def triton_reparam_variant(variant):
+    """Run the triton backend's reparam estimator as ``variant`` (BNN_TRITON_REPARAM); None leaves the choice alone."""
+    if variant is None:
+        yield
+        return
+    before = os.environ.get("BNN_TRITON_REPARAM")
+    os.environ["BNN_TRITON_REPARAM"] = variant
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["BNN_TRITON_REPARAM"]
+        else:
+            os.environ["BNN_TRITON_REPARAM"] = before
+
+
 def fused_linear(estimator):
     def run(x, mu, rho, bias, prior_mu, prior_sigma=0.01):
         return bk.bayes_linear(x, mu, rho, bias, seed=torch.tensor(1234, device=mu.device), prior_mu=prior_mu,
@@ -47,7 +67,11 @@ VARIANTS = {
     "paper-style": paper_style_linear,
     "fused-reparam": fused_linear("reparam"),
     "fused-lrt": fused_linear("lrt"),
+    # the triton backend's two reparam variants, forced (fused-reparam above runs whichever "auto" picks)
+    "reparam-ingemm": fused_linear("reparam"),
+    "reparam-transient": fused_linear("reparam"),
 }
+FORCED_TRITON_REPARAM = {"reparam-ingemm": "fused", "reparam-transient": "transient"}
 
 
 def make_layer(m, n, k, dtype, device):
@@ -62,12 +86,13 @@ def make_layer(m, n, k, dtype, device):
 
 def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y):
     """One training step of the layer: forward, backward through y and the KL; gradients are reset."""
-    y, kl = VARIANTS[variant](x, mu, rho, bias, prior_mu)
-    outputs, grads = [y], [grad_y]
-    if kl is not None:
-        outputs.append(kl)
-        grads.append(torch.ones_like(kl))
-    torch.autograd.backward(outputs, grads)
+    with triton_reparam_variant(FORCED_TRITON_REPARAM.get(variant)):
+        y, kl = VARIANTS[variant](x, mu, rho, bias, prior_mu)
+        outputs, grads = [y], [grad_y]
+        if kl is not None:
+            outputs.append(kl)
+            grads.append(torch.ones_like(kl))
+        torch.autograd.backward(outputs, grads)
     for tensor in (x, mu, rho, bias):
         tensor.grad = None
 
@@ -83,6 +108,7 @@ def saved_bytes(variant, x, mu, rho, bias, prior_mu) -> int:
             saved[pointer] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            triton_reparam_variant(FORCED_TRITON_REPARAM.get(variant)):
         VARIANTS[variant](x, mu, rho, bias, prior_mu)
     return sum(saved.values())

@@ -24,9 +24,10 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bnn_kernels as bk  # noqa: E402
-from layers import CPU_LINEAR_SHAPES, SD15_LINEAR_SHAPES, forward_backward, make_layer, saved_bytes  # noqa: E402
+from layers import (CPU_LINEAR_SHAPES, FORCED_TRITON_REPARAM, SD15_LINEAR_SHAPES, forward_backward,  # noqa: E402
+                    make_layer, saved_bytes)
 
-VARIANTS = ["F.linear", "paper-style", "fused-reparam", "fused-lrt"]
+BASE_VARIANTS = ["F.linear", "paper-style", "fused-reparam", "fused-lrt"]
 
 
 def cpu_name() -> str:
@@ -56,7 +57,7 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def time_variants(layer, grad_y, device, repeats: int, warmup: int) -> dict:
+def time_variants(layer, grad_y, device, repeats: int, warmup: int, variants) -> dict:
     def one(variant):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -70,11 +71,11 @@ def time_variants(layer, grad_y, device, repeats: int, warmup: int) -> dict:
         return time.perf_counter() - begin
 
     for _ in range(warmup):
-        for variant in VARIANTS:
+        for variant in variants:
             one(variant)
-    samples = {variant: [] for variant in VARIANTS}
+    samples = {variant: [] for variant in variants}
     for _ in range(repeats):
-        for variant in VARIANTS:
+        for variant in variants:
             samples[variant].append(one(variant))
     return {variant: statistics.median(times) for variant, times in samples.items()}
 
@@ -91,6 +92,8 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     shapes = SD15_LINEAR_SHAPES if device.type == "cuda" else CPU_LINEAR_SHAPES
+    # on a GPU (the triton backend) both reparam variants are also timed on their own
+    variants = BASE_VARIANTS + (list(FORCED_TRITON_REPARAM) if bk.registry.select(device) == "triton" else [])
     results = {"environment": environment(device), "dtype": str(dtype), "repeats": repeats, "shapes": {}}
     print(f"# {results['environment']}  dtype={dtype}  backend={bk.registry.select(device)}")
     print(f"{'shape':>22} {'F.linear ms':>12} {'paper ms':>9} {'reparam ms':>11} {'lrt ms':>8} "
@@ -98,20 +101,26 @@ def main(argv=None) -> dict:
     for name, (m, n, k) in shapes.items():
         layer = make_layer(m, n, k, dtype, device)
         grad_y = torch.randn(m, n, device=device, dtype=dtype)
-        seconds = time_variants(layer, grad_y, device, repeats, args.warmup)
-        saved = {variant: saved_bytes(variant, *layer) for variant in VARIANTS}
+        seconds = time_variants(layer, grad_y, device, repeats, args.warmup, variants)
+        saved = {variant: saved_bytes(variant, *layer) for variant in variants}
         ratios = {
             "reparam_over_linear": seconds["fused-reparam"] / seconds["F.linear"],
             "lrt_over_linear": seconds["fused-lrt"] / seconds["F.linear"],
             "paper_over_reparam": seconds["paper-style"] / seconds["fused-reparam"],
             "paper_over_lrt": seconds["paper-style"] / seconds["fused-lrt"],
         }
+        for variant in FORCED_TRITON_REPARAM:
+            if variant in seconds:
+                ratios[f"{variant}_over_linear"] = seconds[variant] / seconds["F.linear"]
         results["shapes"][name] = {"m": m, "n": n, "k": k, "seconds": seconds, "saved_bytes": saved, "ratios": ratios}
         ms = {v: 1e3 * s for v, s in seconds.items()}
         mb = "/".join(f"{saved[v] / 2**20:.2f}" for v in ("paper-style", "fused-reparam", "fused-lrt"))
         print(f"{name:>22} {ms['F.linear']:12.3f} {ms['paper-style']:9.3f} {ms['fused-reparam']:11.3f} "
               f"{ms['fused-lrt']:8.3f} {ratios['reparam_over_linear']:12.2f} {ratios['lrt_over_linear']:8.2f} "
               f"{ratios['paper_over_reparam']:14.2f} {ratios['paper_over_lrt']:10.2f} {mb:>28}")
+        for variant in FORCED_TRITON_REPARAM:
+            if variant in seconds:
+                print(f"{'':>22} {variant}: {ms[variant]:.3f} ms, {ratios[variant + '_over_linear']:.2f}x F.linear")
         del layer, grad_y
     if args.json:
         with open(args.json, "w") as handle:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bnn_kernels as bk
-from layers import CPU_LINEAR_SHAPES, SD15_LINEAR_SHAPES, forward_backward, make_layer
+from layers import CPU_LINEAR_SHAPES, FORCED_TRITON_REPARAM, SD15_LINEAR_SHAPES, forward_backward, make_layer
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -52,7 +52,8 @@ def test_gaussian_kl_forward_backward(benchmark, backend):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=str)
-@pytest.mark.parametrize("variant", ["F.linear", "paper-style", "fused-reparam", "fused-lrt"])
+@pytest.mark.parametrize("variant", ["F.linear", "paper-style", "fused-reparam", "fused-lrt",
+                                     *(FORCED_TRITON_REPARAM if "triton" in BACKENDS else ())])
 def test_linear_forward_backward(benchmark, shape, variant):
     m, n, k = SHAPES[shape]
     layer = make_layer(m, n, k, DTYPE, DEVICE)

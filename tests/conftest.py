@@ -13,3 +13,19 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _fixed_torch_seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend name of an indirect "backend" parameter from helpers.BACKEND_VARIANTS.
+
+    "triton:fused" and "triton:transient" also set BNN_TRITON_REPARAM for the test (undone afterwards).  The
+    variant concerns only the reparam estimator: a test parametrised with estimator="lrt" runs once, as "fused".
+    """
+    name, _, variant = request.param.partition(":")
+    if variant:
+        params = request.node.callspec.params
+        if variant != "fused" and params.get("estimator") == "lrt":
+            pytest.skip("the reparam variant does not change the lrt estimator")
+        monkeypatch.setenv("BNN_TRITON_REPARAM", variant)
+    return name

@@ -16,6 +16,9 @@ def device_for(backend: str) -> torch.device:
 
 
 BACKENDS = bk.backends()
+# The linear-layer tests run the triton backend once per reparam variant (BNN_TRITON_REPARAM); parametrise
+# "backend" over these with indirect=True: the conftest fixture sets the variant and hands the test the name.
+BACKEND_VARIANTS = [v for b in BACKENDS for v in ((f"{b}:fused", f"{b}:transient") if b == "triton" else (b,))]
 LOW_PRECISION_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
 
 

@@ -4,7 +4,7 @@ import torch
 
 import bnn_kernels as bk
 from bnn_kernels.reference import bayes_linear_materialised
-from helpers import BACKENDS, assert_close_to_oracle, device_for
+from helpers import BACKEND_VARIANTS, BACKENDS, assert_close_to_oracle, device_for
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading dims of x, out_features N, in_features K): odd sizes around tile edges, 1s, and extra leading dims
@@ -66,7 +66,7 @@ def check_against_oracle(backend, x, mu, rho, bias, prior, seed, sigma_param, es
         assert_close_to_oracle(f"{backend}/{estimator}/{sigma_param}/{name}", value, reference, same_dtype, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
 @pytest.mark.parametrize("estimator", ["reparam", "lrt"])
 @pytest.mark.parametrize("sigma_param", ["softplus", "direct"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], s[1], s[2]))))
@@ -76,7 +76,7 @@ def test_float32_matches_oracle(backend, estimator, sigma_param, shape):
     check_against_oracle(backend, *inputs, BIG_SEED, sigma_param, estimator)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
 @pytest.mark.parametrize("estimator", ["reparam", "lrt"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("param_dtype", ["float32", "same"])
@@ -89,7 +89,7 @@ def test_low_precision_matches_oracle(backend, estimator, dtype, param_dtype, sh
     check_against_oracle(backend, *inputs, 11, "softplus", estimator)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
 @pytest.mark.parametrize("estimator", ["reparam", "lrt"])
 def test_without_bias_and_prior(backend, estimator):
     inputs = make_inputs((9,), 20, 24, torch.float32, torch.float32, device_for(backend), "softplus",
@@ -97,7 +97,7 @@ def test_without_bias_and_prior(backend, estimator):
     check_against_oracle(backend, *inputs, 5, "softplus", estimator, prior_sigma=1.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
 @pytest.mark.parametrize("estimator", ["reparam", "lrt"])
 def test_same_noise_on_every_backend(backend, estimator):
     """Reproducibility contract: one seed, one output, whichever backend computes it."""
@@ -110,7 +110,7 @@ def test_same_noise_on_every_backend(backend, estimator):
     torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
 @pytest.mark.parametrize("estimator", ["reparam", "lrt"])
 def test_determinism_and_seed_sensitivity(backend, estimator):
     x, mu, rho, bias, _ = make_inputs((5,), 8, 16, torch.float32, torch.float32, device_for(backend), "softplus")
@@ -124,7 +124,7 @@ def test_determinism_and_seed_sensitivity(backend, estimator):
     assert not torch.allclose(first, mean)  # the noise is really there
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
 def test_reparam_shares_one_weight_sample_across_the_batch(backend):
     """Feeding the identity recovers the sampled weight, W = mu + sigma * philox_normal(seed, mu.shape)."""
     k = 12
@@ -165,3 +165,40 @@ def test_gradcheck_float64(backend, estimator, sigma_param):
 
     with bk.use_backend(backend):
         assert torch.autograd.gradcheck(layer, (x, mu, rho, bias))
+
+
+# --- the triton backend's two reparam variants, chosen by BNN_TRITON_REPARAM -------------------------------------
+
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton needs a GPU or TRITON_INTERPRET=1")
+
+
+@needs_triton
+def test_triton_reparam_variant_follows_the_env_var(monkeypatch):
+    from bnn_kernels.triton import linear
+    above = linear.TRANSIENT_ABOVE_M + 1
+    monkeypatch.delenv("BNN_TRITON_REPARAM", raising=False)  # default: auto
+    assert (linear.reparam_variant(above - 1), linear.reparam_variant(above)) == ("fused", "transient")
+    monkeypatch.setenv("BNN_TRITON_REPARAM", "fused")
+    assert linear.reparam_variant(10**6) == "fused"
+    monkeypatch.setenv("BNN_TRITON_REPARAM", "transient")
+    assert linear.reparam_variant(1) == "transient"
+    monkeypatch.setenv("BNN_TRITON_REPARAM", "ingemm")
+    with pytest.raises(ValueError, match="BNN_TRITON_REPARAM"):
+        linear.reparam_variant(1)
+
+
+@needs_triton
+@pytest.mark.parametrize("setting, rows, expected", [("auto", "few", "fused"), ("auto", "many", "transient"),
+                                                     ("fused", "many", "fused"), ("transient", "few", "transient")])
+def test_triton_runs_the_reparam_variant_it_selects(monkeypatch, setting, rows, expected):
+    """Forward and backward take the transient path exactly when the variant is "transient", and match the oracle."""
+    from bnn_kernels.triton import linear
+    calls = []
+    for name in ("transient_linear_fwd", "transient_linear_bwd"):
+        real = getattr(linear, name)
+        monkeypatch.setattr(linear, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+    monkeypatch.setenv("BNN_TRITON_REPARAM", setting)
+    m = linear.TRANSIENT_ABOVE_M + 1 if rows == "many" else 8
+    inputs = make_inputs((m,), 6, 16, torch.float32, torch.float32, device_for("triton"), "softplus")
+    check_against_oracle("triton", *inputs, 21, "softplus", "reparam")
+    assert calls == (["transient_linear_fwd", "transient_linear_bwd"] if expected == "transient" else [])

@@ -4,7 +4,7 @@ import torch
 
 import bnn_kernels as bk
 from bnn_kernels.reference import bayes_linear_materialised
-from helpers import BACKENDS, device_for
+from helpers import BACKEND_VARIANTS, BACKENDS, device_for
 
 
 class SavedTensors:
@@ -41,7 +41,7 @@ def _layer_inputs(device):
     return x, mu, rho, bias, prior
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
 @pytest.mark.parametrize("estimator", ["reparam", "lrt"])
 def test_bayes_linear_saves_no_weight_sized_tensor(backend, estimator):
     x, mu, rho, bias, prior = _layer_inputs(device_for(backend))

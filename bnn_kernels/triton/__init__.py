@@ -5,7 +5,10 @@ imported).  The functions follow the backend contract of ``bnn_kernels.registry`
 
 * ``philox_normal``      -> philox.py (tl.randn(seed, offset + i), int64 counters)
 * ``gaussian_kl_fwd/bwd`` -> kl.py (reduction with per-program partial sums; elementwise gradient)
-* ``linear_fwd/bwd``     -> linear.py (reparam and lrt GEMMs with noise generated in registers, KL fused)
+* ``linear_fwd/bwd``     -> linear.py (reparam and lrt GEMMs with noise generated in registers, KL fused), and
+  sample.py (the "transient" reparam variant: one weight sample per GEMM, fed to torch's matmul and dropped).
+  ``BNN_TRITON_REPARAM`` = fused | transient | auto (default) picks the reparam variant at each call;
+  ``reparam_variant(M)`` says which one a call with M rows of x runs.
 """
 from __future__ import annotations
 
@@ -22,13 +25,13 @@ except ImportError:  # pragma: no cover - the backend is simply unavailable
 
 if triton is not None:
     from .kl import gaussian_kl_bwd, gaussian_kl_fwd
-    from .linear import linear_bwd, linear_fwd
+    from .linear import linear_bwd, linear_fwd, reparam_variant
     from .philox import philox_normal
 else:  # pragma: no cover
     def _unavailable(*args, **kwargs):
         raise RuntimeError("the triton backend needs the triton package")
 
-    philox_normal = gaussian_kl_fwd = gaussian_kl_bwd = linear_fwd = linear_bwd = _unavailable
+    philox_normal = gaussian_kl_fwd = gaussian_kl_bwd = linear_fwd = linear_bwd = reparam_variant = _unavailable
 
 
 def is_available() -> bool:
@@ -37,4 +40,4 @@ def is_available() -> bool:
 
 
 __all__ = ["NAME", "is_available", "philox_normal", "gaussian_kl_fwd", "gaussian_kl_bwd", "linear_fwd",
-           "linear_bwd"]
+           "linear_bwd", "reparam_variant"]

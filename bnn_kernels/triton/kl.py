@@ -1,7 +1,8 @@
 """sigma = s(rho), s'(rho) and the Gaussian KL in Triton: the jit helpers every kernel uses, and the KL ops.
 
-The helpers are the one Triton definition of the formulas of ``bnn_kernels.sigma`` (linear.py calls them in its
-GEMM loops and epilogues).  All of them work on float32 tiles.
+The helpers are the one Triton definition of the formulas of ``bnn_kernels.sigma`` and of the reparam weight
+gradients of ``bnn_kernels.registry`` (linear.py calls them in its GEMM loops and epilogues, sample.py in its
+elementwise kernels).  All of them work on float32 tiles.
 
 * ``gaussian_kl_fwd``: a reduction; each program writes the float32 sum of its block to a small buffer that the
   host sums (deterministic: no atomics).
@@ -67,6 +68,16 @@ def kl_grads(mu, sigma, prior, gk, inv_ps2, HAS_PRIOR: tl.constexpr):
     else:
         diff = mu
     return gk * diff * inv_ps2, gk * (sigma * inv_ps2 - 1.0 / sigma)
+
+
+@triton.jit
+def store_reparam_grads(dmu_ptr, drho_ptr, offs, mask, grad_w, grad_sigma, mu, sigma, slope, prior, gk, inv_ps2,
+                        HAS_PRIOR: tl.constexpr):
+    """Store the reparam weight gradients at ``offs``, given G = dL/dW (``grad_w``) and G * eps (``grad_sigma``):
+    dmu = G + gk dKL/dmu, drho = (G eps + gk dKL/dsigma) s'(rho), each in its pointer's dtype."""
+    kl_dmu, kl_dsigma = kl_grads(mu, sigma, prior, gk, inv_ps2, HAS_PRIOR)
+    tl.store(dmu_ptr + offs, to_dtype(grad_w + kl_dmu, dmu_ptr.dtype.element_ty), mask=mask)
+    tl.store(drho_ptr + offs, to_dtype((grad_sigma + kl_dsigma) * slope, drho_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -20,8 +20,22 @@ Kernels (one program per output tile, grouped tile order for L2 reuse, fp32 accu
 
 GEMM operands are in x's dtype; the lrt variance operands (x^2, s^2, u) are float32 for float32 x and bfloat16
 otherwise (float16 cannot hold s^2 of small sigmas).  Nothing weight-sized is allocated besides dmu and drho.
+
+Two variants of the reparam estimator, chosen per call by ``reparam_variant(M)``:
+
+* ``"fused"``: the in-GEMM kernels above.  They draw each weight tile's noise once per M-tile
+  (about ceil(M / BLOCK_M) * N * K normals per GEMM): cheapest when M fits in one or two tiles.
+* ``"transient"`` (sample.py): one elementwise kernel writes the weight sample in x's dtype into a temporary
+  buffer (KL fused), torch's matmul (cuBLAS on a GPU) runs the GEMM and the buffer is dropped; backward samples
+  again for dx and runs an elementwise epilogue over G = g^T x.  N * K normals per GEMM whatever M.
+
+The environment variable ``BNN_TRITON_REPARAM`` = ``fused`` | ``transient`` | ``auto`` (default) picks the variant;
+it is read at every call.  ``auto`` takes ``transient`` when M > ``TRANSIENT_ABOVE_M``, else ``fused``.  Both
+honour the memory contract (autograd keeps the inputs and the seed) and give the same noise.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -30,7 +44,15 @@ import triton.language as tl
 from .. import reference
 from .common import (dot_precision, gemm_configs, interpreter_meta, mma, prior_constants, to_dtype, tuned,
                      var_in_float32)
-from .kl import kl_grads, kl_terms, sigma_and_slope, sigma_of
+from .kl import kl_grads, kl_terms, sigma_and_slope, sigma_of, store_reparam_grads
+from .sample import transient_linear_bwd, transient_linear_fwd
+
+REPARAM_ENV = "BNN_TRITON_REPARAM"
+REPARAM_VARIANTS = ("fused", "transient")
+# auto: the transient variant for more than this many rows of x.  A prediction (benchmarks/NOTES.md): at M <= 256 the
+# in-GEMM kernels draw each normal once or twice per GEMM and save the pass that writes and reads the sample;
+# beyond, their noise cost grows with M while the transient variant's stays N * K.  To be measured on a GPU.
+TRANSIENT_ABOVE_M = 256
 
 GROUP = tl.constexpr(8)  # tiles along the first grid axis per group (grouped ordering)
 
@@ -296,9 +318,8 @@ def _reparam_dw_epilogue(grad_w, offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, see
     grad_sigma = grad_w * tl.randn(seed, offs_n.to(tl.int64)[:, None] * K + offs_k[None, :])
     w_off, w_mask, mu, prior, sigma, slope = _weight_tile(offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, N, K,
                                                           HAS_PRIOR, SOFTPLUS)
-    kl_dmu, kl_dsigma = kl_grads(mu, sigma, prior, gk, inv_ps2, HAS_PRIOR)
-    tl.store(dmu_ptr + w_off, to_dtype(grad_w + kl_dmu, dmu_ptr.dtype.element_ty), mask=w_mask)
-    tl.store(drho_ptr + w_off, to_dtype((grad_sigma + kl_dsigma) * slope, drho_ptr.dtype.element_ty), mask=w_mask)
+    store_reparam_grads(dmu_ptr, drho_ptr, w_off, w_mask, grad_w, grad_sigma, mu, sigma, slope, prior, gk, inv_ps2,
+                        HAS_PRIOR)
 
 
 @tuned(_LRT_DX_CONFIGS)
@@ -396,6 +417,16 @@ def _lrt_dw_epilogue(grad_mu, u_x2, offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, 
 # launchers (the backend contract of bnn_kernels.registry)
 # ----------------------------------------------------------------------------------------------------------------
 
+def reparam_variant(M: int) -> str:
+    """``"fused"`` or ``"transient"``: the reparam variant a call with ``M`` rows of x runs, per BNN_TRITON_REPARAM."""
+    choice = os.environ.get(REPARAM_ENV, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return "transient" if M > TRANSIENT_ABOVE_M else "fused"
+    if choice not in REPARAM_VARIANTS:
+        raise ValueError(f"{REPARAM_ENV} must be one of 'fused', 'transient', 'auto', got {choice!r}")
+    return choice
+
+
 def _grid(rows: int, cols: int, row_block: str, col_block: str):
     return lambda meta: (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
 
@@ -410,6 +441,9 @@ def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estim
     if min(M, N, K) == 0:  # nothing to launch; the reference handles empty GEMMs
         y, kl, _ = reference.linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator)
         return y, kl, (x.new_zeros((M, N)) if estimator == "lrt" else x.new_empty(0))
+    if estimator == "reparam" and reparam_variant(M) == "transient":
+        y, kl = transient_linear_fwd(x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
+        return y, kl, x.new_empty(0)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     kl_rows = torch.empty(N, dtype=torch.float32, device=x.device)
     log_ps, half_inv_ps2, _ = prior_constants(prior_sigma)
@@ -439,6 +473,8 @@ def linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, si
     if min(M, N, K) == 0:
         return reference.linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param,
                                     estimator, need_dx)
+    if estimator == "reparam" and reparam_variant(M) == "transient":
+        return transient_linear_bwd(g, grad_kl, x, mu, rho, prior, seed, prior_sigma, sigma_param, need_dx)
     _, _, inv_ps2 = prior_constants(prior_sigma)
     softplus = sigma_param == "softplus"
     precision = dot_precision()
