@@ -3,12 +3,13 @@
 ``patch`` turns chosen layers of a model (a diffusers UNet or transformer, or any nn.Module) into Bayesian layers
 in place; ``kl_loss`` sums their KL terms; ``merge`` folds the posterior means back into plain layers (zero
 inference cost); ``unpatch`` restores the pretrained model.  ``cep.perturb`` is condition-embedding perturbation
-for training.  Imports torch and bnn_kernels, never triton.
+for training; ``difffit.prepare`` / ``difffit.merge`` the DiffFit baseline.  Imports torch and bnn_kernels, never
+triton.
 """
-from . import cep
+from . import cep, difffit
 from .layers import BayesianModule, BayesLinear
 from .patch import PRESETS, Preset, bayesian_modules, kl_loss, merge, patch, unpatch
 
-__all__ = ["patch", "unpatch", "merge", "kl_loss", "bayesian_modules", "PRESETS", "Preset", "BayesianModule", "cep",
-           "BayesLinear"]
+__all__ = ["patch", "unpatch", "merge", "kl_loss", "bayesian_modules", "PRESETS", "Preset", "BayesianModule",
+           "BayesLinear", "cep", "difffit"]
 __version__ = "0.1.0"

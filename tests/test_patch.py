@@ -21,63 +21,7 @@ import bnn_diffusion as bd
 import bnn_kernels as bk
 from bnn_diffusion import BayesLinear
 
-diffusers = pytest.importorskip("diffusers")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# tiny models and their inputs
-# --------------------------------------------------------------------------------------------------------------
-
-def tiny_unet():
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=16,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        sample_size=16, attention_head_dim=8, in_channels=4, out_channels=4)
-
-
-def unet_inputs():
-    return dict(sample=torch.randn(2, 4, 16, 16), timestep=torch.tensor([10, 500]),
-                encoder_hidden_states=torch.randn(2, 5, 32))
-
-
-def tiny_dit():
-    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                           norm_num_groups=2)
-
-
-def dit_inputs():
-    return dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 5]),
-                class_labels=torch.tensor([0, 3]))
-
-
-def tiny_sd3():
-    return diffusers.SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=2,
-                                           attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                           joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
-
-
-def sd3_inputs():
-    return dict(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 5, 32),
-                pooled_projections=torch.randn(2, 64), timestep=torch.tensor([1, 5]))
-
-
-def tiny_flux():
-    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                            pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-
-
-def flux_inputs():
-    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
-    img_ids = torch.stack([torch.zeros(16), rows.flatten(), cols.flatten()], dim=-1)
-    return dict(hidden_states=torch.randn(2, 16, 4), encoder_hidden_states=torch.randn(2, 5, 32),
-                pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.1, 0.5]), img_ids=img_ids,
-                txt_ids=torch.zeros(5, 3))
-
-
-MODELS = {"unet": (tiny_unet, unet_inputs), "dit": (tiny_dit, dit_inputs), "sd3": (tiny_sd3, sd3_inputs),
-          "flux": (tiny_flux, flux_inputs)}
+from tiny_models import MODELS, assert_same, build, run
 
 # The paper-dreambooth set, written out independently of the preset's patterns.
 _BLOCK_SELF_ATTN_FF = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
@@ -89,24 +33,6 @@ EXPECTED_DREAMBOOTH = {  # (regex a name must fullmatch after its prefix, how ma
     "sd3": (_JOINT, 2 * 6),
     "flux": (f"({_JOINT}|{_SINGLE})", 6 + 5),
 }
-
-
-def build(kind, seed=0):
-    torch.manual_seed(seed)
-    make, inputs = MODELS[kind]
-    model = make()
-    torch.manual_seed(seed + 100)
-    return model, inputs()
-
-
-def run(model, inputs):
-    return model(**inputs).sample
-
-
-def assert_same(actual, expected):
-    """Equal up to float32 rounding: two models holding equal weights in different storages may take different
-    BLAS paths (alignment), so outputs can differ in the last bits; the posterior noise moves them by ~1e-2."""
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 def linear_names(model):
