@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "DreamBoothDataset", "BatchStream", "collate", "count_images"]
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "count_images", "load_image", "DreamBoothDataset", "BatchStream",
+           "collate"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _MASK63 = (1 << 63) - 1

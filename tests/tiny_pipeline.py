@@ -1,10 +1,11 @@
 """A tiny Stable Diffusion checkpoint and a few instance images, written to disk for offline end-to-end tests.
 
 ``write_tiny_pipeline(path)`` saves a ``StableDiffusionPipeline`` whose parts are built from small configs (no
-download): a UNet2DConditionModel with block_out_channels (32, 64), a two-level AutoencoderKL (downsampling by 2), a two-layer CLIP text
-encoder and a ``CLIPTokenizer`` made from a generated ``vocab.json`` / ``merges.txt`` (printable ASCII characters
-plus a few merges), and a DDPMScheduler.  ``write_instance_images(path)`` saves crops of scikit-image's sample photos
-as PNG files.  Both are deterministic (fixed seeds), so tests that train on them are reproducible.
+download): a UNet2DConditionModel with block_out_channels (32, 64), a two-level AutoencoderKL (downsampling by 2),
+a two-layer CLIP text encoder and a ``CLIPTokenizer`` made from a generated ``vocab.json`` / ``merges.txt``
+(printable ASCII characters plus a few merges), and a DDPMScheduler.  ``write_instance_images(path)`` saves crops
+of scikit-image's sample photos as PNG files.  Both are deterministic (fixed seeds), so tests that train on them
+are reproducible.
 """
 from __future__ import annotations
 

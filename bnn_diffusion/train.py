@@ -1,0 +1,951 @@
+"""``bnn-diffusion finetune``: DreamBooth-style few-shot fine-tuning of a Stable Diffusion checkpoint, Bayesian or not.
+
+Run it as ``bnn-diffusion finetune ...``, ``python -m bnn_diffusion.train ...`` or, on several GPUs,
+``accelerate launch -m bnn_diffusion.train ...``.  The flags are those of diffusers' DreamBooth(-LoRA) examples
+(``--pretrained_model_name_or_path``, ``--instance_data_dir``, ``--with_prior_preservation``, ``--rank``, ...) plus:
+
+* ``--method full|lora|difffit``: what trains.  ``full``: the whole UNet (the layers of ``--preset`` Bayesian);
+  ``lora``: LoRA factors on the attention projections (``--preset paper-lora``: B Bayesian; ``bayes-lora``: A
+  Bayesian; ``none``: a plain PEFT LoRA, the baseline); ``difffit``: biases, norms, condition embeddings and
+  per-channel residual scales (DiffFit), plus the Bayesian layers of ``--preset`` if one is given.
+* ``--preset``: a ``bnn_diffusion.PRESETS`` name, or ``none`` for the plain (non-Bayesian) baseline;
+  ``--sigma_init --prior_sigma --sigma_param --estimator``: the posterior and prior (``bnn_diffusion.patch``).
+* ``--kl_weight``: loss = diffusion MSE (+ ``--prior_loss_weight`` x the class-image MSE) + kl_weight x KL(q || p).
+  The default 0 is what the paper's scripts do (sigma then learns from the MSE alone).
+* ``--cep gaussian|uniform --cep_gamma``: condition-embedding perturbation during training (``bnn_diffusion.cep``).
+
+Outputs in ``--output_dir``: ``metrics.jsonl`` (one JSON record per optimizer step: loss, MSE, KL, sigma statistics,
+learning rate, gradient norm), ``metrics.png`` (the curves), ``validation/step-<N>.png`` (image grids of
+``--validation_prompt`` at each checkpoint and at the end), ``checkpoint-<N>/`` (every ``--checkpointing_steps``,
+written to a temporary directory and renamed into place), ``training_config.json``, and the result with the posterior
+means merged in: ``pytorch_lora_weights.safetensors`` for ``--method lora`` (load it with
+``StableDiffusionPipeline.load_lora_weights``), ``unet/`` (``UNet2DConditionModel.from_pretrained``) otherwise.
+
+Reproducibility: every random draw of a step (VAE posterior sample, diffusion noise and timesteps, the Bayesian
+layers' per-forward seeds, CEP noise) comes from torch's generators, which ``accelerate`` saves in each checkpoint;
+batches come from ``bnn_diffusion.data.BatchStream``, a function of the step alone.  ``--resume_from_checkpoint
+latest`` therefore continues with the loss curve an uninterrupted run has.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_lib
+from .patch import PRESETS, bayesian_modules, kl_loss, merge, patch
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("full", "lora", "difffit")
+DEFAULT_PRESET = {"full": "paper-dreambooth", "lora": "paper-lora", "difffit": "none"}
+# diffusers' train_dreambooth.py (full) and train_dreambooth_lora.py defaults; DiffFit, which also trains a small
+# parameter set, takes the LoRA one.
+DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 5e-4, "difffit": 5e-4}
+PRECISIONS = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINABLE_FILE = "trainable_parameters.safetensors"
+STATE_FILE = "training_state.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# What must match between a checkpoint and the run resuming it: the trainable parameter set and the batch stream.
+RESUME_KEYS = ("method", "preset", "rank", "sigma_param", "estimator", "train_batch_size",
+               "gradient_accumulation_steps", "with_prior_preservation", "resolution", "center_crop",
+               "num_processes")
+
+
+class UsageError(ValueError):
+    """A problem with the command line or the files it names; ``main`` reports it without a traceback."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the KL became NaN or infinite; the message names the step."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="DreamBooth-style few-shot fine-tuning of a local Stable Diffusion 1.x/2.x checkpoint, with "
+                    "Bayesian layers (bnn_diffusion.patch), LoRA, DiffFit and condition-embedding perturbation.")
+    model = parser.add_argument_group("model and data")
+    model.add_argument("--pretrained_model_name_or_path", required=True,
+                       help="a local diffusers Stable Diffusion checkpoint (a directory with model_index.json)")
+    model.add_argument("--instance_data_dir", required=True, help="directory of the few subject images")
+    model.add_argument("--instance_prompt", required=True, help='prompt naming the subject, e.g. "a photo of sks dog"')
+    model.add_argument("--class_data_dir", default=None,
+                       help="directory of class images for prior preservation (missing ones are generated)")
+    model.add_argument("--class_prompt", default=None, help='prompt of the class, e.g. "a photo of dog"')
+    model.add_argument("--with_prior_preservation", action="store_true",
+                       help="add the class images' diffusion loss (DreamBooth prior preservation)")
+    model.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior preservation loss")
+    model.add_argument("--num_class_images", type=int, default=100,
+                       help="class images wanted; with prior preservation, missing ones are generated with the "
+                            "pretrained pipeline")
+    model.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
+    model.add_argument("--num_class_inference_steps", type=int, default=50,
+                       help="denoising steps per generated class image")
+    model.add_argument("--prior_generation_precision", choices=("fp32", "fp16", "bf16"), default=None,
+                       help="dtype for generating class images (default: fp16 on a GPU, fp32 on the CPU)")
+    model.add_argument("--resolution", type=int, default=512, help="training resolution (square, multiple of the "
+                                                                     "VAE's downsampling factor)")
+    model.add_argument("--center_crop", action="store_true", help="centre-crop the images (default: random crop)")
+    model.add_argument("--dataloader_num_workers", type=int, default=0, help="data loading worker processes")
+
+    method = parser.add_argument_group("method (bnn-diffusion)")
+    method.add_argument("--method", choices=METHODS, default="full",
+                        help="what trains: the whole UNet, LoRA factors, or DiffFit's parameters")
+    method.add_argument("--preset", default=None, choices=sorted(PRESETS) + ["none"],
+                        help="Bayesian layers (bnn_diffusion.PRESETS) or 'none' for the plain baseline; default: "
+                             + ", ".join(f"{m}: {p}" for m, p in DEFAULT_PRESET.items()))
+    method.add_argument("--kl_weight", type=float, default=0.0,
+                        help="weight of KL(q || p) in the loss (0 = the paper's scripts)")
+    method.add_argument("--sigma_init", type=float, default=0.01, help="initial posterior sigma")
+    method.add_argument("--prior_sigma", type=float, default=0.01, help="prior sigma")
+    method.add_argument("--sigma_param", choices=("direct", "softplus"), default="direct",
+                        help="sigma = rho (clamped at 1e-7, the paper) or softplus(rho)")
+    method.add_argument("--estimator", choices=("reparam", "lrt"), default="reparam",
+                        help="one weight sample per forward (reparam) or local reparameterisation (lrt)")
+    method.add_argument("--rank", type=int, default=4, help="LoRA rank (--method lora)")
+    method.add_argument("--cep", choices=("none", "gaussian", "uniform"), default="none",
+                        help="condition-embedding perturbation during training (CEP-G / CEP-U)")
+    method.add_argument("--cep_gamma", type=float, default=1.0, help="CEP strength: delta scale gamma / sqrt(d)")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--train_batch_size", type=int, default=4, help="instance images per step and device")
+    opt.add_argument("--max_train_steps", type=int, default=None,
+                     help="optimizer steps (overrides --num_train_epochs)")
+    opt.add_argument("--num_train_epochs", type=int, default=1,
+                     help="passes over the instance images, when --max_train_steps is not given")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    opt.add_argument("--gradient_checkpointing", action="store_true",
+                     help="recompute activations in backward (less memory, slower)")
+    opt.add_argument("--learning_rate", type=float, default=None,
+                     help="learning rate; default: " + ", ".join(f"{m}: {v:g}" for m, v in
+                                                                DEFAULT_LEARNING_RATE.items()))
+    opt.add_argument("--scale_lr", action="store_true",
+                     help="multiply the learning rate by batch size x accumulation steps x processes")
+    opt.add_argument("--lr_scheduler", default="constant",
+                     choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                              "constant_with_warmup"), help="learning-rate schedule")
+    opt.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
+    opt.add_argument("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    opt.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
+    opt.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-2,
+                     help="AdamW weight decay (never applied to the sigma parameters)")
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
+    opt.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                     help="autocast dtype (default: accelerate's configuration, else no); fp16 needs a GPU")
+    opt.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
+    opt.add_argument("--seed", type=int, default=None, help="seed for a reproducible run")
+
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--output_dir", default="bnn-dreambooth-model", help="where everything is written")
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
+    out.add_argument("--resume_from_checkpoint", default=None,
+                     help="a checkpoint directory, or 'latest' (the newest in --output_dir; starts afresh if none)")
+    out.add_argument("--validation_prompt", default=None,
+                     help="prompt for the image grids written at each checkpoint and at the end")
+    out.add_argument("--num_validation_images", type=int, default=4, help="images per validation grid")
+    out.add_argument("--validation_inference_steps", type=int, default=25, help="denoising steps per validation image")
+    return parser
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    """Parse and check the command line (argparse's usage error, SystemExit 2, for an inconsistent one)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset is None:
+        args.preset = DEFAULT_PRESET[args.method]
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATE[args.method]
+    problem = _check_args(args)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> Optional[str]:
+    """The first inconsistency of the options, as a message naming the flag, or None."""
+    positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "rank",
+                "num_validation_images", "validation_inference_steps", "sample_batch_size",
+                "num_class_inference_steps", "num_train_epochs")
+    for name in positive:
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        return f"--max_train_steps must be >= 1, got {args.max_train_steps}"
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        return f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}"
+    for name in ("kl_weight", "prior_loss_weight", "cep_gamma", "max_grad_norm", "adam_weight_decay"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            return f"--{name} must be a finite number >= 0, got {value}"
+    for name in ("learning_rate", "sigma_init", "prior_sigma"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            return f"--{name} must be a finite number > 0, got {value}"
+    if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0 or args.num_class_images < 0:
+        return "--lr_warmup_steps, --dataloader_num_workers and --num_class_images must be >= 0"
+    if args.with_prior_preservation:
+        if args.class_data_dir is None or args.class_prompt is None:
+            return "--with_prior_preservation needs --class_data_dir and --class_prompt"
+        if args.num_class_images < 1:
+            return "--with_prior_preservation needs --num_class_images >= 1"
+    if args.preset != "none":
+        kind = PRESETS[args.preset].kind
+        wanted = "lora" if args.method == "lora" else "full"
+        if kind != wanted:
+            fitting = sorted(name for name, p in PRESETS.items() if p.kind == wanted) + ["none"]
+            return (f"--preset {args.preset} makes {kind} Bayesian layers, which --method {args.method} does not "
+                    f"use; choose one of {fitting}")
+    if args.kl_weight > 0 and args.preset == "none":
+        return "--kl_weight > 0 needs Bayesian layers: pass a --preset other than 'none'"
+    return None
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of ``bnn-diffusion finetune``: parse ``argv``, train, return 0.  Bad options, files that are not
+    what they should be, and a diverging loss end with a one-line message (SystemExit) instead of a traceback."""
+    args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
+    try:
+        train(args)
+    except (UsageError, NonFiniteLossError) as error:
+        raise SystemExit(f"bnn-diffusion finetune: error: {error}") from None
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks on the files
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_pretrained(path) -> dict:
+    """The ``model_index.json`` of a local diffusers Stable Diffusion checkpoint, or a UsageError saying what is
+    wrong with ``path``."""
+    flag = "--pretrained_model_name_or_path"
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is not a directory: pass a local diffusers checkpoint (a folder with "
+                         f"model_index.json, e.g. one written by `huggingface-cli download` or save_pretrained)")
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise UsageError(f"{flag} {str(path)!r} is not a diffusers checkpoint: it has no model_index.json")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag}: cannot read {index_file}: {error}") from None
+    missing = [part for part in PIPELINE_PARTS if not (isinstance(index.get(part), list) and index[part][0]
+                                                          and (root / part).is_dir())]
+    if missing:
+        raise UsageError(f"{flag} {str(path)!r} is not a Stable Diffusion checkpoint: it lacks {missing} (this "
+                         f"trainer fine-tunes the UNet of Stable Diffusion 1.x/2.x pipelines; found "
+                         f"{index.get('_class_name', 'an unknown pipeline')})")
+    if index.get("unet", [None, None])[1] != "UNet2DConditionModel":
+        raise UsageError(f"{flag}: the checkpoint's unet is a {index['unet'][1]}, not a UNet2DConditionModel")
+    return index
+
+
+def _list_images(directory, flag: str) -> list:
+    try:
+        return data_lib.list_images(directory, flag)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_components(path) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        return Components(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"))
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"--pretrained_model_name_or_path {str(path)!r}: cannot load the pipeline's parts "
+                         f"({type(error).__name__}: {error})") from None
+
+
+def _plain_lora(unet: torch.nn.Module, rank: int) -> None:
+    """The plain LoRA baseline: PEFT LoRA on the layers of the paper-lora preset, initialised as the Bayesian LoRA
+    layers are (A kaiming-uniform, B = 0, alpha = rank)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                target_modules=list(PRESETS["paper-lora"].patterns)))
+
+
+def prepare_unet(unet: torch.nn.Module, args: argparse.Namespace) -> list:
+    """Make ``unet`` trainable for ``args.method`` / ``args.preset`` in place; returns the Bayesian layer names."""
+    bayes_options = dict(sigma_init=args.sigma_init, prior_sigma=args.prior_sigma, sigma_param=args.sigma_param,
+                         estimator=args.estimator, rank=args.rank)
+    if args.method == "full":
+        unet.requires_grad_(True)
+        if args.preset == "none":
+            return []
+        return patch(unet, args.preset, freeze_others=False, **bayes_options)
+    if args.method == "lora":
+        if args.preset == "none":
+            _plain_lora(unet, args.rank)
+            return []
+        return patch(unet, args.preset, **bayes_options)
+    from . import difffit
+
+    difffit.prepare(unet)
+    if args.preset == "none":
+        return []
+    # After DiffFit: its scaled branch outputs (attn1.to_out.0, ff.net.2) are no longer plain linears, so the preset
+    # makes the other matched layers Bayesian; DiffFit's trainable set stays as it is.
+    return patch(unet, args.preset, freeze_others=False, **bayes_options)
+
+
+def merged_unet(unet: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """The fine-tuned UNet with every posterior mean, LoRA factor and DiffFit scale folded into plain layers."""
+    if bayesian_modules(unet):
+        merge(unet)
+    if args.method == "difffit":
+        from . import difffit
+
+        difffit.merge(unet)
+    return unet
+
+
+def _sigma_parameter_names(model: torch.nn.Module) -> set:
+    """Qualified names of the sigma parameters (rho) of the Bayesian layers: excluded from weight decay."""
+    names = set()
+    for prefix, module in bayesian_modules(model):
+        for name, _ in module.named_parameters():
+            if name.rsplit(".", 1)[-1].endswith("rho"):
+                names.add(f"{prefix}.{name}")
+    return names
+
+
+def _adamw_class(args: argparse.Namespace):
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW for --use_8bit_adam (UsageError if bitsandbytes is missing)."""
+    if not args.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UsageError("--use_8bit_adam needs the bitsandbytes package, which is not installed "
+                         "(pip install bitsandbytes; it needs a CUDA GPU)") from None
+    return bitsandbytes.optim.AdamW8bit
+
+
+def make_optimizer(unet: torch.nn.Module, args: argparse.Namespace, learning_rate: float):
+    """AdamW over the trainable parameters; the sigma parameters get no weight decay (it would shrink sigma)."""
+    optimizer_class = _adamw_class(args)
+    no_decay = _sigma_parameter_names(unet)
+    decay, sigma = [], []
+    for name, param in unet.named_parameters():
+        if param.requires_grad:
+            (sigma if name in no_decay else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.adam_weight_decay}]
+    if sigma:
+        groups.append({"params": sigma, "weight_decay": 0.0})
+    return optimizer_class(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           eps=args.adam_epsilon)
+
+
+def trainable_state(unet: torch.nn.Module) -> dict:
+    """The parameters that train, by qualified name (what a checkpoint stores; the rest is the base model)."""
+    return {name: param.detach() for name, param in unet.named_parameters() if param.requires_grad}
+
+
+def sigma_statistics(unet: torch.nn.Module) -> dict:
+    """mean / min / max of sigma over every Bayesian weight element (empty without Bayesian layers)."""
+    total, count, low, high = 0.0, 0, math.inf, -math.inf
+    with torch.no_grad():
+        for _, module in bayesian_modules(unet):
+            sigma = module.sigma.detach().float()
+            total += sigma.sum().item()
+            count += sigma.numel()
+            low, high = min(low, sigma.min().item()), max(high, sigma.max().item())
+    if not count:
+        return {}
+    return {"sigma_mean": total / count, "sigma_min": low, "sigma_max": high}
+
+
+@torch.no_grad()
+def encode_prompt(components: Components, prompt: str, device) -> torch.Tensor:
+    """The (1, tokens, dim) text-encoder output for ``prompt`` (padded to the tokenizer's max length)."""
+    tokens = components.tokenizer(prompt, padding="max_length", truncation=True,
+                                  max_length=components.tokenizer.model_max_length, return_tensors="pt")
+    return components.text_encoder(tokens.input_ids.to(device))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# class images (prior preservation)
+# ----------------------------------------------------------------------------------------------------------------
+
+def generate_class_images(args: argparse.Namespace, accelerator) -> None:
+    """Fill ``--class_data_dir`` up to ``--num_class_images`` images of ``--class_prompt`` with the pretrained
+    pipeline (main process; the others wait)."""
+    directory = Path(args.class_data_dir)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--class_data_dir {str(directory)!r} is not a directory")
+    have = data_lib.count_images(directory)
+    if accelerator.is_main_process and have < args.num_class_images:
+        from diffusers import StableDiffusionPipeline
+        from tqdm.auto import tqdm
+
+        directory.mkdir(parents=True, exist_ok=True)
+        precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False)
+        pipeline.to(accelerator.device, PRECISIONS[precision])
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator(accelerator.device).manual_seed(args.seed if args.seed is not None else 0)
+        missing = args.num_class_images - have
+        with tqdm(total=missing, desc="class images", unit="img") as progress:
+            index = have
+            while index < args.num_class_images:
+                count = min(args.sample_batch_size, args.num_class_images - index)
+                images = pipeline([args.class_prompt] * count, num_inference_steps=args.num_class_inference_steps,
+                                  generator=generator).images
+                for image in images:
+                    path = directory / f"class-{index:05d}.png"
+                    while path.exists():  # never overwrite a file of the user's
+                        index += 1
+                        path = directory / f"class-{index:05d}.png"
+                    _save_image_atomic(image, path)
+                    index += 1
+                    progress.update(1)
+        del pipeline
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files: atomic writes, checkpoints, metrics, plots, validation grids
+# ----------------------------------------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, write) -> None:
+    """Write ``path`` through ``write(temporary_path)`` and an atomic rename."""
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _save_image_atomic(image, path: Path) -> None:
+    _write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def list_checkpoints(output_dir) -> list:
+    """``(step, path)`` of the complete checkpoints in ``output_dir``, oldest first."""
+    found = []
+    root = Path(output_dir)
+    if root.is_dir():
+        for path in root.iterdir():
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+            if match and (path / STATE_FILE).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_checkpoint(spec: str, output_dir) -> Optional[Path]:
+    """The checkpoint ``--resume_from_checkpoint spec`` names: 'latest' -> the newest in ``output_dir`` or None; a
+    path (or a checkpoint name inside ``output_dir``) -> that directory, which must be a complete checkpoint."""
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(spec)
+    if not path.is_dir() and (Path(output_dir) / spec).is_dir():
+        path = Path(output_dir) / spec
+    if not (path / STATE_FILE).is_file():
+        raise UsageError(f"--resume_from_checkpoint {spec!r} is not a checkpoint of this trainer (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: Optional[int]) -> Path:
+    """``accelerator.save_state`` into a temporary directory renamed to ``checkpoint-<step>`` once complete."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    temporary = output_dir / f".{final.name}.tmp"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json_atomic(state, temporary / STATE_FILE)
+        if final.exists():
+            stale = output_dir / f".{final.name}.old"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(temporary, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(temporary, final)
+        if limit is not None:
+            for _, old in list_checkpoints(output_dir)[:-limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per optimizer step, appended and flushed as training goes."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled, self.records = Path(path), enabled, []
+
+    def start(self, resumed_step: int) -> None:
+        """Keep the records up to ``resumed_step`` (a resumed run replaces what came after its checkpoint); a fresh
+        run (step 0) starts an empty file."""
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as handle:
+                self.records = [r for r in (json.loads(line) for line in handle if line.strip())
+                                if r.get("step", 0) <= resumed_step]
+        if self.enabled:
+            lines = "".join(json.dumps(r) + "\n" for r in self.records)
+            _write_atomic(self.path, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+
+
+def plot_metrics(records: list, path: Path) -> None:
+    """The loss, KL, sigma and learning-rate curves of ``records`` as one PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    series = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in records]
+    panels = [("diffusion loss", [("loss", "total"), ("mse", "instance MSE"), ("prior_mse", "prior MSE")], True),
+              ("KL(q || p)", [("kl", "KL")], True),
+              ("posterior sigma", [("sigma_mean", "mean"), ("sigma_min", "min"), ("sigma_max", "max")], True),
+              ("learning rate", [("lr", "lr")], False)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for axis, (title, keys, log_scale) in zip(axes, panels):
+        drawn = False
+        for key, label in keys:
+            values = series(key)
+            if any(math.isfinite(v) for v in values):
+                axis.plot(steps, values, label=label)
+                drawn = True
+        if drawn and log_scale and all(v > 0 for k, _ in keys for v in series(k) if math.isfinite(v)):
+            axis.set_yscale("log")
+        if not drawn:
+            axis.text(0.5, 0.5, "no Bayesian layers" if title != "diffusion loss" else "no data",
+                      ha="center", va="center", transform=axis.transAxes)
+        elif len(keys) > 1:
+            axis.legend(fontsize=8)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def image_grid(images: list):
+    """Images side by side in one row (PIL)."""
+    from PIL import Image
+
+    width, height = images[0].size
+    grid = Image.new("RGB", (width * len(images), height))
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), (i * width, 0))
+    return grid
+
+
+@torch.no_grad()
+def validation_images(components: Components, unet: torch.nn.Module, args: argparse.Namespace, accelerator) -> list:
+    """``--num_validation_images`` images of ``--validation_prompt`` from the current posterior means (the UNet in
+    eval mode), with a fixed generator and torch's global random state left untouched."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), accelerator.autocast():
+            generator = torch.Generator(accelerator.device).manual_seed(args.seed if args.seed is not None else 0)
+            return pipeline([args.validation_prompt] * args.num_validation_images, height=args.resolution,
+                            width=args.resolution, num_inference_steps=args.validation_inference_steps,
+                            generator=generator).images
+    finally:
+        unet.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What ``train`` produced: the output directory, the steps run, the merged UNet (eval mode), the metric
+    records, and the result file (``pytorch_lora_weights.safetensors`` or the ``unet/`` directory)."""
+
+    output_dir: Path
+    global_step: int
+    unet: torch.nn.Module
+    metrics: list
+    weights_path: Path
+    bayesian_layers: list = field(default_factory=list)
+
+
+def _resume_config(args: argparse.Namespace, num_processes: int) -> dict:
+    config = {key: getattr(args, key) for key in RESUME_KEYS if key != "num_processes"}
+    config["num_processes"] = num_processes
+    return config
+
+
+def _diffusion_target(scheduler, latents, noise, timesteps):
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise UsageError(f"the checkpoint's scheduler predicts {kind!r}; supported: 'epsilon', 'v_prediction'")
+
+
+def batch_loss(unet, base_unet, components: Components, batch: dict, instance_embedding, class_embedding,
+               args: argparse.Namespace, weight_dtype, has_kl: bool) -> tuple:
+    """(loss, instance MSE, prior MSE, KL) of one batch, as 0-dim float32 tensors; ``loss`` carries the graph.
+
+    The DreamBooth objective: encode the images (VAE posterior sample), noise them at random timesteps, predict with
+    the UNet conditioned on the prompt embeddings (CEP-perturbed with --cep), MSE against the scheduler's target;
+    the class images (prior preservation) follow the instance images in the batch.  ``base_unet`` is the unwrapped
+    ``unet``, whose Bayesian layers hold the KL of this forward."""
+    scheduler = components.noise_scheduler
+    device = instance_embedding.device
+    pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+    num_instance = batch["num_instance"]
+    with torch.no_grad():
+        latents = components.vae.encode(pixels).latent_dist.sample() * components.vae.config.scaling_factor
+    latents = latents.float()
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    text = instance_embedding.expand(num_instance, -1, -1)
+    if class_embedding is not None:
+        text = torch.cat([text, class_embedding.expand(latents.shape[0] - num_instance, -1, -1)])
+    if args.cep != "none":
+        from . import cep
+
+        text = cep.perturb(text, gamma=args.cep_gamma, kind=args.cep)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample.float()
+    target = _diffusion_target(scheduler, latents, noise, timesteps).float()
+    zero = torch.zeros((), device=device)
+    mse = F.mse_loss(prediction[:num_instance], target[:num_instance])
+    prior_mse = F.mse_loss(prediction[num_instance:], target[num_instance:]) if class_embedding is not None else zero
+    kl = kl_loss(base_unet).to(device) if has_kl else zero
+    loss = mse + args.prior_loss_weight * prior_mse + args.kl_weight * kl
+    return loss, mse, prior_mse, kl
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    """Fine-tune as ``args`` says (see ``build_parser``) and write the outputs; returns a ``TrainResult``.
+
+    Raises UsageError for files that are not what the flags say, NonFiniteLossError when the loss or the KL stops
+    being finite (naming the step)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    # --- check the inputs before anything heavy runs
+    check_pretrained(args.pretrained_model_name_or_path)
+    instance_images = _list_images(args.instance_data_dir, "--instance_data_dir")
+    if args.with_prior_preservation and args.class_data_dir is not None and Path(args.class_data_dir).is_file():
+        raise UsageError(f"--class_data_dir {args.class_data_dir!r} is not a directory")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {str(output_dir)!r} exists and is not a directory")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use bf16 on the CPU")
+    _adamw_class(args)
+    resume_from = None
+    if args.resume_from_checkpoint is not None:
+        resume_from = find_checkpoint(args.resume_from_checkpoint, output_dir)
+        if resume_from is None:
+            logger.info("no checkpoint in %s: starting a new run", output_dir)
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              project_config=ProjectConfiguration(project_dir=str(output_dir)))
+    weight_dtype = PRECISIONS[accelerator.mixed_precision]
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)
+
+    class_images = None
+    if args.with_prior_preservation:
+        generate_class_images(args, accelerator)
+        class_images = _list_images(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
+
+    # --- the model
+    components = load_components(args.pretrained_model_name_or_path)
+    if args.resolution % components.vae_scale_factor:
+        raise UsageError(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor "
+                         f"{components.vae_scale_factor}")
+    for frozen in (components.vae, components.text_encoder):  # inference only: in the autocast dtype
+        frozen.requires_grad_(False).eval()
+        if weight_dtype == torch.float32:
+            frozen.to(accelerator.device)
+        else:
+            frozen.to(accelerator.device, weight_dtype)
+    unet = components.unet
+    bayesian_layers = prepare_unet(unet, args)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    instance_embedding = encode_prompt(components, args.instance_prompt, accelerator.device)
+    class_embedding = (encode_prompt(components, args.class_prompt, accelerator.device)
+                       if args.with_prior_preservation else None)
+
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(unet, args, learning_rate)
+    trainable = trainable_state(unet)
+    if not trainable:
+        raise UsageError(f"--method {args.method} --preset {args.preset} leaves nothing to train")
+
+    dataset = data_lib.DreamBoothDataset(instance_images, args.resolution, class_images, args.center_crop)
+    if args.max_train_steps is None:
+        per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        args.max_train_steps = math.ceil(args.num_train_epochs * len(dataset) / per_step)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    base_unet = accelerator.unwrap_model(unet)
+    _register_checkpoint_hooks(accelerator, base_unet)
+
+    # --- resume
+    global_step, data_seed = 0, args.seed if args.seed is not None else secrets.randbits(62)
+    config = _resume_config(args, accelerator.num_processes)
+    if resume_from is not None:
+        state = json.loads((resume_from / STATE_FILE).read_text(encoding="utf-8"))
+        changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+        if changed:
+            raise UsageError(f"--resume_from_checkpoint {str(resume_from)!r} was written with other settings: "
+                             + ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
+        accelerator.load_state(str(resume_from))
+        global_step, data_seed = int(state["global_step"]), int(state["data_seed"])
+        accelerator.print(f"resumed from {resume_from} at step {global_step}")
+    metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
+    metrics.start(global_step)
+
+    accumulation = args.gradient_accumulation_steps
+    stream = data_lib.BatchStream(len(dataset), args.train_batch_size, data_seed,
+                                  start=global_step * accumulation * accelerator.num_processes
+                                  + accelerator.process_index, stride=accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=stream, collate_fn=data_lib.collate,
+                                         num_workers=args.dataloader_num_workers,
+                                         generator=torch.Generator().manual_seed(data_seed))
+    batches = iter(loader)
+
+    if accelerator.is_main_process:
+        _write_json_atomic({"args": vars(args), "bayesian_layers": bayesian_layers,
+                            "trainable_parameters": sum(t.numel() for t in trainable.values()),
+                            "data_seed": data_seed, "num_processes": accelerator.num_processes},
+                           output_dir / "training_config.json")
+    accelerator.print(
+        f"finetune: method {args.method}, preset {args.preset}, {len(bayesian_layers)} Bayesian layers, "
+        f"{sum(t.numel() for t in trainable.values()):,} trainable parameters, {len(instance_images)} instance "
+        f"images{f', {len(class_images)} class images' if class_images else ''}, steps {global_step} -> "
+        f"{args.max_train_steps}")
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="finetune", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    while global_step < args.max_train_steps:
+        step = global_step + 1
+        totals = {"loss": 0.0, "mse": 0.0, "prior_mse": 0.0, "kl": 0.0}
+        for micro in range(accumulation):
+            batch = next(batches)
+            sync = micro == accumulation - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(unet):
+                loss, mse, prior_mse, kl = batch_loss(unet, base_unet, components, batch, instance_embedding,
+                                                      class_embedding, args, weight_dtype, has_kl=bool(bayesian_layers))
+                values = accelerator.reduce(torch.stack([loss, mse, prior_mse, kl]).detach(), "mean").tolist()
+                if not all(math.isfinite(v) for v in values):
+                    raise NonFiniteLossError(
+                        f"step {step}: the loss is not finite (loss {values[0]}, instance MSE {values[1]}, prior "
+                        f"MSE {values[2]}, KL {values[3]}); stopped. Lower --learning_rate or --sigma_init, or use "
+                        f"--mixed_precision no")
+                accelerator.backward(loss / accumulation)
+            for key, value in zip(totals, values):
+                totals[key] += value / accumulation
+        grad_norm = None
+        if args.max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], args.max_grad_norm)
+            grad_norm = float(norm) if norm is not None else None
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step = step
+        progress.update(1)
+
+        record = {"step": step, "epoch": stream.passes(step * accumulation * accelerator.num_processes),
+                  "loss": totals["loss"], "mse": totals["mse"],
+                  "prior_mse": totals["prior_mse"] if class_embedding is not None else None,
+                  "kl": totals["kl"] if bayesian_layers else None, "kl_weight": args.kl_weight,
+                  "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, **sigma_statistics(base_unet)}
+        metrics.append(record)
+        progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "kl", "sigma_mean")
+                              if record.get(k) is not None})
+
+        if step % args.checkpointing_steps == 0:
+            path = save_checkpoint(accelerator, output_dir, step,
+                                   {"global_step": step, "data_seed": data_seed, "config": config},
+                                   args.checkpoints_total_limit)
+            progress.write(f"saved {path}")
+            _report(args, accelerator, components, base_unet, metrics, output_dir, step)
+    progress.close()
+
+    # --- the result: posterior means merged
+    accelerator.wait_for_everyone()
+    base_unet.eval()
+    if accelerator.is_main_process:
+        _report(args, accelerator, components, base_unet, metrics, output_dir, global_step)
+    weights_path = _save_result(args, base_unet, output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(f"wrote {weights_path} and {metrics.path}")
+    return TrainResult(output_dir, global_step, base_unet, metrics.records, weights_path, bayesian_layers)
+
+
+def _report(args, accelerator, components, unet, metrics: MetricsLog, output_dir: Path, step: int) -> None:
+    """The curves plot and (with --validation_prompt) a validation grid for ``step`` (main process)."""
+    if not accelerator.is_main_process:
+        return
+    if metrics.records:
+        plot_metrics(metrics.records, output_dir / "metrics.png")
+    if args.validation_prompt:
+        images = validation_images(components, unet, args, accelerator)
+        (output_dir / "validation").mkdir(exist_ok=True)
+        _save_image_atomic(image_grid(images), output_dir / "validation" / f"step-{step:06d}.png")
+
+
+def _register_checkpoint_hooks(accelerator, unet: torch.nn.Module) -> None:
+    """Checkpoints hold the trainable parameters only (``trainable_parameters.safetensors``): the frozen rest, and
+    the Bayesian layers' prior means, are the pretrained weights that every run loads anyway."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            state = {name: tensor.contiguous().cpu() for name, tensor in trainable_state(unet).items()}
+            save_file(state, os.path.join(output_dir, TRAINABLE_FILE))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        path = os.path.join(input_dir, TRAINABLE_FILE)
+        if not os.path.isfile(path):
+            raise UsageError(f"checkpoint {input_dir!r} has no {TRAINABLE_FILE}")
+        state = load_file(path)
+        expected = set(trainable_state(unet))
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise UsageError(f"checkpoint {input_dir!r} does not fit this model: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+        unet.load_state_dict(state, strict=False)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _save_result(args, unet: torch.nn.Module, output_dir: Path, is_main: bool) -> Path:
+    """Write the fine-tuned weights with the posterior means merged; returns their path.  ``unet`` ends merged."""
+    if args.method == "lora":
+        path = output_dir / LORA_FILE
+        if args.preset == "none":
+            if is_main:
+                from diffusers import StableDiffusionPipeline
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
+
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+                temporary = output_dir / ".lora.tmp"
+                StableDiffusionPipeline.save_lora_weights(str(temporary), unet_lora_layers=layers,
+                                                          safe_serialization=True)
+                os.replace(temporary / LORA_FILE, path)
+                shutil.rmtree(temporary)
+            return path
+        from . import save_lora
+
+        if is_main:
+            _write_atomic(path, lambda tmp: save_lora(unet, str(tmp)))
+        merged_unet(unet, args)
+        return path
+    merged_unet(unet, args)
+    path = output_dir / "unet"
+    if is_main:
+        temporary = output_dir / ".unet.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        unet.save_pretrained(str(temporary), safe_serialization=True)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
