@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build from source, run the contract tests on the GPU, the microbenchmarks and the
-# one-run ratio script; every result lands as JSON in $1 (default /tmp/bnn-gpu-<date>) and in
-# benchmarks/results/.  Uses the machine's own torch/triton (no venv): pip installs nothing from the network.
+# One call on a GPU machine: build from source, run the contract tests on the GPU, the microbenchmarks, the
+# one-run ratio script and the end-to-end UNet training step (benchmarks/e2e_unet.py); every result lands as JSON
+# in $1 (default /tmp/bnn-gpu-<date>) and in benchmarks/results/.  Uses the machine's own torch/triton (no venv):
+# pip installs nothing from the network (diffusers comes as a carried wheel, see below).
 #
 #   benchmarks/gpu_suite.sh [OUTPUT_DIR]
 set -uo pipefail
@@ -12,6 +13,12 @@ mkdir -p "$out" benchmarks/results
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 status=0
+
+# diffusers is not on the GPU image: its wheel travels in .whl/ (ignored by git; see benchmarks/NOTES.md, "GPU suite")
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || status=1
+fi
 
 echo "== environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -29,6 +36,9 @@ $python -m pytest benchmarks -q --benchmark-only --benchmark-json="$out/microben
 
 echo "== ratios in one run"
 $python benchmarks/linear_ratios.py --json "$out/linear_ratios.json" || status=1
+
+echo "== end-to-end training step (SD 1.5 UNet, 64x64 latents)"
+$python benchmarks/e2e_unet.py --config sd15 --json "$out/e2e_unet.json" 2>&1 | tee "$out/e2e_unet.log" || status=1
 
 for file in "$out"/*.json; do
   [ -e "$file" ] && cp "$file" "benchmarks/results/gpu-$stamp-$(basename "$file")"

@@ -1,0 +1,148 @@
+"""The end-to-end benchmark script at its smallest size (tiny UNet, 8x8 latents, batch 1, one timed step), and its
+paper-style baseline.  Checks what the JSON holds and the byte counts that do not depend on timing; no timing is
+asserted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("diffusers")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import paper_bayes  # noqa: E402
+from e2e_step import VARIANTS  # noqa: E402
+
+TARGETS = {"c-memory-vs-a", "c'-memory-vs-a", "c-memory-vs-b", "c-time-vs-a", "e-time-vs-d", "e-memory-vs-d"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "e2e.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "e2e_unet.py"), "--config", "tiny", "--latent-size", "8",
+               "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"e2e_unet.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "# targets" in done.stdout
+    return json.loads(out.read_text())
+
+
+def test_environment_and_settings(results):
+    env = results["environment"]
+    for key in ("device", "torch", "triton", "diffusers", "peft", "date"):
+        assert key in env, key
+    assert env["torch"] == torch.__version__
+    assert results["config"] == "tiny" and results["latent_size"] == 8
+    assert results["unet_config"]["block_out_channels"] == [32, 64]
+    assert "bfloat16 autocast" in results["precision"]
+
+
+def test_one_run_per_variant_and_checkpointing_mode(results):
+    runs = results["runs"]
+    assert sorted((r["variant"], r["gradient_checkpointing"]) for r in runs) == sorted(
+        (v, ckpt) for v in VARIANTS for ckpt in (False, True))
+    for run in runs:
+        assert run["batch_size"] == 1
+        assert run["status"] in ("ok", "unavailable"), (run["variant"], run.get("reason"))
+        if run["status"] == "unavailable":
+            assert run["variant"] == "ours-lora" and "not supported yet" in run["reason"]
+            continue
+        assert run["step_seconds"]["median"] > 0 and len(run["step_seconds"]["all"]) == 1
+        assert math.isfinite(run["loss"])
+        accounted = run["accounted"]
+        assert accounted["total_bytes"] == sum(accounted[k] for k in (
+            "model_bytes", "frozen_copy_bytes", "grad_bytes", "optimizer_state_bytes", "saved_tensor_bytes"))
+        # AdamW keeps two moments per trainable element; gradients are as large as the trainable parameters
+        assert accounted["optimizer_state_bytes"] == 2 * accounted["trainable_param_bytes"]
+        assert accounted["grad_bytes"] == accounted["trainable_param_bytes"] == 4 * run["trainable_params"]
+
+
+def _runs(results, checkpointing):
+    return {r["variant"]: r for r in results["runs"] if r["gradient_checkpointing"] == checkpointing}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_layer_sets_and_inherent_bytes(results, checkpointing):
+    runs = _runs(results, checkpointing)
+    full, paper, ours = runs["full-ft"], runs["paper"], runs["ours-dreambooth"]
+    assert full["layers"] == paper["layers"] == ours["layers"] > 0
+    # ours trains the same weights and biases (as mu) plus one sigma per weight element
+    assert ours["trainable_params"] == full["trainable_params"] + ours["sigma_params"]
+    assert paper["trainable_params"] == ours["trainable_params"]
+    # the inherent extra: sigma, its gradient and AdamW's two moments, float32
+    assert ours["inherent_sigma_bytes"] == 4 * 4 * ours["sigma_params"]
+    assert runs["ours-dreambooth-bf16prior"]["prior_mean_bytes"] * 2 == ours["prior_mean_bytes"]
+    # the paper's copy of the whole model: every parameter and buffer of the unpatched UNet
+    assert paper["frozen_copy_bytes"] == full["accounted"]["model_bytes"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_saved_tensor_bytes(results, checkpointing):
+    runs = _runs(results, checkpointing)
+    full, paper, ours = (runs[v]["accounted"]["saved_tensor_bytes"] for v in ("full-ft", "paper", "ours-dreambooth"))
+    weights = runs["ours-dreambooth"]["sigma_params"]
+    # ours keeps nothing weight-sized for backward: no more than the deterministic layers (which keep bf16 weights)
+    assert ours <= full
+    # the paper keeps at least eps (float32) and the bf16 sample of every Bayesian weight
+    assert paper - ours >= 6 * weights
+
+
+def test_targets_evaluated_for_every_pair(results):
+    targets = results["targets"]
+    for checkpointing in (False, True):
+        names = {t["target"] for t in targets if t["gradient_checkpointing"] == checkpointing}
+        assert names == TARGETS
+    ours_lora = {r["status"] for r in results["runs"] if r["variant"] == "ours-lora"}
+    for target in targets:
+        if target["target"].startswith("e-") and ours_lora == {"unavailable"}:
+            assert target["status"] == "not evaluated: (e) unavailable"
+        else:
+            assert target["status"] in ("met", "missed")
+        if target["target"] == "c-memory-vs-a":
+            assert target["limit_bytes"] == target["a_bytes"] + target["allowance_bytes"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the paper-style baseline
+# --------------------------------------------------------------------------------------------------------------
+
+def test_paper_layer_samples_in_train_and_uses_mu_in_eval():
+    torch.manual_seed(0)
+    linear = nn.Linear(7, 5)
+    layer = paper_bayes.PaperBayesLinear(linear, sigma_init=0.01)
+    x = torch.randn(3, 7)
+    first, second = layer(x), layer(x)
+    assert not torch.equal(first, second)
+    assert (first - linear(x)).abs().max() < 0.2
+    layer.eval()
+    torch.testing.assert_close(layer(x), linear(x))
+
+
+def test_paper_patch_keeps_a_frozen_copy_and_computes_the_reverse_kl():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    pretrained = model[2].weight.detach().clone()
+    bayes = paper_bayes.patch(model, ["2"], sigma_init=0.02, prior_sigma=0.01)
+    assert isinstance(model[2], paper_bayes.PaperBayesLinear) and isinstance(model[0], nn.Linear)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["2.weight_mu", "2.weight_sigma", "2.bias"]
+    assert all(not p.requires_grad for p in bayes.frozen.parameters())
+    with torch.no_grad():
+        model[2].weight_mu.add_(0.05)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(pretrained.double(), 0.01),
+        torch.distributions.Normal(model[2].weight_mu.detach().double(), 0.02)).sum()
+    kl = bayes.kl()
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-6)
+    kl.backward()
+    assert model[2].weight_mu.grad is not None and model[2].weight_sigma.grad is not None
+    with pytest.raises(TypeError, match="names"):
+        paper_bayes.patch(model, ["1"])
