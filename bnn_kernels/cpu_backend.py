@@ -1,8 +1,8 @@
 """The ``cpu`` backend: the C++/OpenMP operators of ``bnn_kernels._C`` (csrc/), called as ``torch.ops.bnn_cpu.*``.
 
-Follows the conventions of ``bnn_kernels.registry``.  The operators work one block of weight rows at a time (eps and
-the weight sample exist only for one block, then are dropped), draw the same Philox normals as
-``bnn_kernels.rng`` and compute the KL and its gradient inside the linear op.  Usable when the extension was built
+Follows the conventions of ``bnn_kernels.registry``.  The operators work one block of weight rows (of output
+channels, for conv) at a time (eps and the weight sample exist only for one block, then are dropped), draw the same
+Philox normals as ``bnn_kernels.rng`` and compute the KL and its gradient inside the linear / conv op.  Usable when the extension was built
 (``pip install --no-build-isolation .`` or ``-e .``).
 """
 from __future__ import annotations
@@ -46,4 +46,19 @@ def linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma: fl
                estimator: str, need_dx: bool):
     dx, dmu, drho = torch.ops.bnn_cpu.linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std,
                                                  float(prior_sigma), sigma_param, estimator, bool(need_dx))
+    return (dx if need_dx else None), dmu, drho
+
+
+def conv_fwd(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups: int, prior_sigma: float,
+             sigma_param: str, estimator: str):
+    y, kl, std = torch.ops.bnn_cpu.conv_fwd(x, mu, rho, bias, prior_mu, seed, list(stride), list(padding),
+                                            list(dilation), int(groups), float(prior_sigma), sigma_param, estimator)
+    return y, kl, std
+
+
+def conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding, dilation, groups: int,
+             prior_sigma: float, sigma_param: str, estimator: str, need_dx: bool):
+    dx, dmu, drho = torch.ops.bnn_cpu.conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, list(stride),
+                                               list(padding), list(dilation), int(groups), float(prior_sigma),
+                                               sigma_param, estimator, bool(need_dx))
     return (dx if need_dx else None), dmu, drho

@@ -98,6 +98,13 @@ def _check_backend_dtypes(backend: str, **tensors) -> None:
                              f"backend {backend!r} takes float32, float16 and bfloat16")
 
 
+def _check_bias(bias, out_features: int) -> None:
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
 def _grad_or_none(tensor: torch.Tensor) -> Optional[torch.Tensor]:
     return None if tensor.numel() == 0 else tensor
 
@@ -279,10 +286,7 @@ def bayes_linear(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}) to match mu {tuple(mu.shape)}, "
                          f"got {tuple(x.shape)}")
-    if bias is not None:
-        _check_float("bias", bias)
-        if bias.shape != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    _check_bias(bias, out_features)
     _check_same_device(mu.device, x=x, bias=bias)
     _check_finite(x=x, mu=mu, rho=rho)
     seed_t = _seed_tensor(seed, mu.device)
@@ -298,3 +302,159 @@ def bayes_linear(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
 
 def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bayes_conv2d
+# --------------------------------------------------------------------------------------------------------------
+
+PADDING_MODES = ("valid", "same")
+
+
+def _int_pair(name: str, value, minimum: int) -> list[int]:
+    """An int or a pair of ints, each at least ``minimum``, as a 2-element list (F.conv2d's convention)."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(items) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in items):
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    return [int(v) for v in items]
+
+
+def _conv_padding(padding, kernel: Sequence[int], stride: list[int], dilation: list[int]) -> list[int]:
+    """Explicit (symmetric) padding from an int, a pair, "valid" or "same"."""
+    if not isinstance(padding, str):
+        return _int_pair("padding", padding, 0)
+    check_choice("padding", padding, PADDING_MODES)
+    if padding == "valid":
+        return [0, 0]
+    if stride != [1, 1]:
+        raise ValueError(f"padding='same' needs stride 1, got stride={tuple(stride)}")
+    total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' is supported when dilation * (kernel_size - 1) is even (symmetric "
+                         f"padding), got {tuple(total)}; pad x explicitly instead")
+    return [t // 2 for t in total]
+
+
+def _conv_output_shape(x_shape, mu_shape, stride, padding, dilation) -> tuple:
+    """(N, C_out, H_out, W_out) of conv2d over NCHW ``x_shape`` (F.conv2d's formula)."""
+    spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                    for size, k, s, p, d in zip(x_shape[2:], mu_shape[2:], stride, padding, dilation))
+    return (x_shape[0], mu_shape[0], *spatial)
+
+
+@torch.library.custom_op("bnn::bayes_conv2d", mutates_args=())
+def _bayes_conv2d_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Optional[torch.Tensor],
+                     prior_mu: Optional[torch.Tensor], seed: torch.Tensor, stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, prior_sigma: float, sigma_param: str, estimator: str,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, kl, std = registry.get(backend).conv_fwd(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups,
+                                                 prior_sigma, sigma_param, estimator)
+    return y.contiguous(), kl, std.contiguous()
+
+
+@_bayes_conv2d_op.register_fake
+def _(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param, estimator,
+      backend):
+    shape = _conv_output_shape(x.shape, mu.shape, stride, padding, dilation)
+    std = x.new_empty(shape if estimator == "lrt" and backend != "reference" else (0,))
+    return x.new_empty(shape), mu.new_empty((), dtype=kl_dtype(mu.dtype)), std
+
+
+@torch.library.custom_op("bnn::bayes_conv2d_backward", mutates_args=())
+def _bayes_conv2d_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
+                              rho: torch.Tensor, prior_mu: Optional[torch.Tensor], seed: torch.Tensor,
+                              std: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                              groups: int, prior_sigma: float, sigma_param: str, estimator: str, backend: str,
+                              need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dmu, drho = registry.get(backend).conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding,
+                                                    dilation, groups, prior_sigma, sigma_param, estimator, need_dx)
+    dx = x.new_empty(0) if dx is None else dx.contiguous()
+    return dx, dmu.contiguous(), drho.contiguous()
+
+
+@_bayes_conv2d_backward_op.register_fake
+def _(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding, dilation, groups, prior_sigma, sigma_param,
+      estimator, backend, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(mu), torch.empty_like(rho)
+
+
+def _bayes_conv2d_setup(ctx, inputs, output):
+    (x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param, estimator,
+     backend) = inputs
+    ctx.save_for_backward(x, mu, rho, prior_mu, seed, output[2])
+    ctx.config = (stride, padding, dilation, groups, prior_sigma, sigma_param, estimator, backend)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(output[2])
+
+
+def _bayes_conv2d_backward(ctx, grad_y, grad_kl, _grad_std):
+    x, mu, rho, prior_mu, seed, std = ctx.saved_tensors
+    grad_y = grad_y.to(x.dtype).contiguous()
+    dx, dmu, drho = _bayes_conv2d_backward_op(grad_y, grad_kl.to(kl_dtype(mu.dtype)).contiguous(), x, mu, rho,
+                                              prior_mu, seed, std, *ctx.config, ctx.needs_input_grad[0])
+    dbias = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        dbias = grad_y.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+    return (_grad_or_none(dx), dmu, drho, dbias) + (None,) * 10
+
+
+_bayes_conv2d_op.register_autograd(_bayes_conv2d_backward, setup_context=_bayes_conv2d_setup)
+
+
+def bayes_conv2d(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                 stride=1, padding=0, dilation=1, groups: int = 1, seed: SeedLike,
+                 prior_mu: Optional[torch.Tensor] = None, prior_sigma: float = 1.0, sigma_param: str = "softplus",
+                 estimator: str = "reparam"):
+    """Bayesian 2-D convolution with on-the-fly weight noise; returns ``(y, kl)``.
+
+    reparam: ``W = mu + s(rho) * philox_normal(seed, mu.shape)`` (flat index (co, ci, kh, kw) of the contiguous
+    weight; one sample per call, shared by the batch), ``y = conv2d(x, W, bias)``.  lrt:
+    ``y = conv2d(x, mu, bias) + sqrt(conv2d(x*x, s(rho)^2)) * philox_normal(seed, y.shape)`` (flat NCHW index of y).
+    ``kl = gaussian_kl(mu, rho, prior_mu, prior_sigma)``, produced by the same op.
+
+    ``x`` is ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``; a channels_last x is accepted and read as NCHW
+    (converted first).  ``mu``/``rho`` are ``(C_out, C_in / groups, kh, kw)``.  ``stride``/``dilation`` are an int
+    or a pair, ``padding`` an int, a pair, ``"valid"`` or ``"same"`` (stride 1, symmetric padding only), as in
+    F.conv2d.  ``y`` is a contiguous NCHW tensor in x's dtype; ``kl`` a float32 0-dim tensor.
+    """
+    prior_sigma = _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param)
+    check_choice("estimator", estimator, ESTIMATORS)
+    _check_float("x", x)
+    if mu.dim() != 4 or min(mu.shape) < 1:
+        raise ValueError(f"mu must be 4-D (out_channels, in_channels / groups, kernel_h, kernel_w) with non-zero "
+                         f"sizes, got shape {tuple(mu.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    if groups < 1:
+        raise ValueError(f"groups must be at least 1, got {groups}")
+    groups = int(groups)
+    out_channels, group_channels, kernel_h, kernel_w = mu.shape
+    if out_channels % groups:
+        raise ValueError(f"mu's out_channels ({out_channels}) must be divisible by groups ({groups})")
+    in_channels = group_channels * groups
+    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+        raise ValueError(f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match mu "
+                         f"{tuple(mu.shape)} with groups={groups}, got {tuple(x.shape)}")
+    stride = _int_pair("stride", stride, 1)
+    dilation = _int_pair("dilation", dilation, 1)
+    padding = _conv_padding(padding, (kernel_h, kernel_w), stride, dilation)
+    _check_bias(bias, out_channels)
+    _check_same_device(mu.device, x=x, bias=bias)
+    batched = x.dim() == 4
+    x4 = (x if batched else x.unsqueeze(0)).contiguous()  # NCHW, whatever x's memory format
+    out_shape = _conv_output_shape(x4.shape, mu.shape, stride, padding, dilation)
+    if min(out_shape[2:]) < 1:
+        raise ValueError(f"x's spatial size {tuple(x.shape[-2:])} is too small for kernel {(kernel_h, kernel_w)} "
+                         f"with padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be "
+                         f"{tuple(out_shape[2:])}")
+    _check_finite(x=x, mu=mu, rho=rho)
+    seed_t = _seed_tensor(seed, mu.device)
+    # an empty batch still yields the KL; the reference backend handles it
+    backend = registry.select(mu.device) if x4.numel() > 0 else "reference"
+    _check_backend_dtypes(backend, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
+    y, kl, _ = _bayes_conv2d_op(x4, mu.contiguous(), rho.contiguous(), bias, _contiguous(prior_mu), seed_t, stride,
+                                padding, dilation, groups, prior_sigma, sigma_param, estimator, backend)
+    return (y if batched else y.squeeze(0)), kl

@@ -31,6 +31,22 @@ g = grad_y, gk = grad_kl, pm = prior_mu or 0, ps = prior_sigma):
     lrt:      xi = noise (M, N);  u = g * xi / (2 * std)  (0 where std == 0)
               dx = g @ mu + 2 * x * (u @ sigma^2) ;  dmu = g^T @ x + gk * dKL/dmu
               drho = (2 * sigma * (u^T @ x^2) + gk * dKL/dsigma) * s'(rho)
+
+Bayesian conv2d (``bnn_kernels.ops.bayes_conv2d``): ``x`` is contiguous NCHW ``(B, C_in, H, W)``; ``mu``, ``rho``,
+``prior_mu`` are contiguous ``(C_out, C_in / groups, kh, kw)``; ``stride``, ``padding``, ``dilation`` are 2-element
+int lists (explicit symmetric padding) and ``groups`` an int, all checked by ops.  The weight noise is
+``philox_normal(seed, mu.numel())`` viewed as ``mu.shape`` (flat index (co, ci, kh, kw)); the lrt output noise is
+``philox_normal(seed, y.numel())`` viewed as the contiguous NCHW y.  Dtypes and precision as for linear.
+
+``conv_fwd(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param, estimator)
+    -> (y, kl, std)``: y contiguous NCHW in x's dtype (bias added), kl as for linear, std output-sized (lrt) or empty.
+``conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding, dilation, groups, prior_sigma,
+    sigma_param, estimator, need_dx) -> (dx or None, dmu, drho)``: grad_y contiguous NCHW in x's dtype; the bias
+    gradient is grad_y.sum((0, 2, 3)), taken by ops.
+Its backward is the linear one with ``a @ B^T`` read as conv2d(a, B), and ``g @ W`` / ``g^T @ x`` as the input /
+weight vector-Jacobian products of that conv (aten.convolution_backward): reparam dx = vjp_input(g, W),
+G = vjp_weight(g, x); lrt dx = vjp_input(g, mu) + 2 x vjp_input(u, sigma^2), dmu = vjp_weight(g, x) + gk dKL/dmu,
+drho = (2 sigma vjp_weight(u, x^2) + gk dKL/dsigma) s'(rho).
 """
 from __future__ import annotations
 

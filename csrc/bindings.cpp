@@ -17,6 +17,14 @@ TORCH_LIBRARY(bnn_cpu, m) {
       "linear_bwd(Tensor grad_y, Tensor grad_kl, Tensor x, Tensor mu, Tensor rho, Tensor? prior_mu, "
       "Tensor seed, Tensor std, float prior_sigma, str sigma_param, str estimator, bool need_dx) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_fwd(Tensor x, Tensor mu, Tensor rho, Tensor? bias, Tensor? prior_mu, Tensor seed, int[] stride, "
+      "int[] padding, int[] dilation, int groups, float prior_sigma, str sigma_param, str estimator) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_bwd(Tensor grad_y, Tensor grad_kl, Tensor x, Tensor mu, Tensor rho, Tensor? prior_mu, Tensor seed, "
+      "Tensor std, int[] stride, int[] padding, int[] dilation, int groups, float prior_sigma, str sigma_param, "
+      "str estimator, bool need_dx) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnn_cpu, CPU, m) {
@@ -25,6 +33,8 @@ TORCH_LIBRARY_IMPL(bnn_cpu, CPU, m) {
   m.impl("gaussian_kl_bwd", &bnn::gaussian_kl_bwd);
   m.impl("linear_fwd", &bnn::linear_fwd);
   m.impl("linear_bwd", &bnn::linear_bwd);
+  m.impl("conv_fwd", &bnn::conv_fwd);
+  m.impl("conv_bwd", &bnn::conv_bwd);
 }
 
 // Importing bnn_kernels._C loads this library and with it the registrations above; the module itself is empty.

@@ -37,4 +37,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(
     const at::Tensor& rho, const c10::optional<at::Tensor>& prior_mu, const at::Tensor& seed, const at::Tensor& std,
     double prior_sigma, c10::string_view sigma_param, c10::string_view estimator, bool need_dx);
 
+// Bayesian conv2d, with the conventions of bnn_kernels/registry.py: x (B, C_in, H, W), mu/rho
+// (C_out, C_in / groups, kh, kw), stride/padding/dilation two values each.  (y (B, C_out, H_out, W_out) in x's dtype,
+// kl 0-dim, std shaped like y for lrt or empty for reparam).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_fwd(const at::Tensor& x, const at::Tensor& mu,
+                                                        const at::Tensor& rho, const c10::optional<at::Tensor>& bias,
+                                                        const c10::optional<at::Tensor>& prior_mu,
+                                                        const at::Tensor& seed, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                        int64_t groups, double prior_sigma,
+                                                        c10::string_view sigma_param, c10::string_view estimator);
+
+// (dx in x's dtype or an empty tensor when not need_dx, dmu, drho in mu's dtype), KL gradient included.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(
+    const at::Tensor& grad_y, const at::Tensor& grad_kl, const at::Tensor& x, const at::Tensor& mu,
+    const at::Tensor& rho, const c10::optional<at::Tensor>& prior_mu, const at::Tensor& seed, const at::Tensor& std,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double prior_sigma,
+    c10::string_view sigma_param, c10::string_view estimator, bool need_dx);
+
 }  // namespace bnn

@@ -9,6 +9,8 @@ imported).  The functions follow the backend contract of ``bnn_kernels.registry`
   sample.py (the "transient" reparam variant: one weight sample per GEMM, fed to torch's matmul and dropped).
   ``BNN_TRITON_REPARAM`` = fused | transient | auto (default) picks the reparam variant at each call;
   ``reparam_variant(M)`` says which one a call with M rows of x runs.
+* ``conv_fwd/bwd``       -> conv.py (one weight sample / sigma^2 per convolution from sample.py's kernels, fed to
+  torch's conv and dropped; lrt output noise and weight-gradient epilogues as elementwise kernels)
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ except ImportError:  # pragma: no cover - the backend is simply unavailable
 
 if triton is not None:
     from .kl import gaussian_kl_bwd, gaussian_kl_fwd
+    from .conv import conv_bwd, conv_fwd
     from .linear import linear_bwd, linear_fwd, reparam_variant
     from .philox import philox_normal
 else:  # pragma: no cover
@@ -32,6 +35,7 @@ else:  # pragma: no cover
         raise RuntimeError("the triton backend needs the triton package")
 
     philox_normal = gaussian_kl_fwd = gaussian_kl_bwd = linear_fwd = linear_bwd = reparam_variant = _unavailable
+    conv_fwd = conv_bwd = _unavailable
 
 
 def is_available() -> bool:
@@ -40,4 +44,4 @@ def is_available() -> bool:
 
 
 __all__ = ["NAME", "is_available", "philox_normal", "gaussian_kl_fwd", "gaussian_kl_bwd", "linear_fwd",
-           "linear_bwd", "reparam_variant"]
+           "linear_bwd", "reparam_variant", "conv_fwd", "conv_bwd"]

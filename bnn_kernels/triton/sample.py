@@ -11,6 +11,10 @@ normals per GEMM; here every GEMM draws the N * K normals of W once, and the GEM
   dmu = G + gk dKL/dmu and drho = (G eps + gk dKL/dsigma) s'(rho) in mu's dtype, dmu into G's own buffer when mu
   is float32.
 
+The same launchers serve the Bayesian conv2d (conv.py): the weight sample / G there are (C_out, C_in / groups, kh, kw)
+tensors fed to torch's convolutions, and ``sigma_squared`` (the same pass writing s(rho)^2 instead of a sample, KL
+optionally fused) feeds its lrt variance convolution.
+
 Memory: autograd keeps the op's inputs and the seed, nothing else (the memory contract); the buffers W (N * K in
 x's dtype) and G (N * K float32) live only inside one call.  Noise: eps[n, k] = tl.randn(seed, n*K + k), the flat
 index of the contiguous (N, K) weight, as in linear.py; W is formed in float32 and rounded to x's dtype as the
@@ -35,16 +39,20 @@ _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 @triton.jit
 def _sample_kernel(mu_ptr, rho_ptr, prior_ptr, seed_ptr, w_ptr, kl_ptr, numel, log_ps, half_inv_ps2,
-                   WITH_KL: tl.constexpr, HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK: tl.constexpr):
-    """w = mu + s(rho) * eps in w's dtype; with WITH_KL, kl[pid] = the KL summed over this program's elements."""
+                   WITH_KL: tl.constexpr, HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr, VARIANCE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """w = mu + s(rho) * eps (or s(rho)^2 with VARIANCE: the lrt variance weights) in w's dtype; with WITH_KL,
+    kl[pid] = the KL summed over this program's elements."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    seed = tl.load(seed_ptr)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
     sigma = sigma_of(rho, SOFTPLUS)
-    w = mu + sigma * tl.randn(seed, offs)
+    if VARIANCE:
+        w = sigma * sigma
+    else:
+        w = mu + sigma * tl.randn(tl.load(seed_ptr), offs)
     tl.store(w_ptr + offs, to_dtype(w, w_ptr.dtype.element_ty), mask=mask)
     if WITH_KL:
         prior = mu
@@ -81,6 +89,16 @@ def _reparam_grad_kernel(grad_ptr, mu_ptr, rho_ptr, prior_ptr, seed_ptr, gk_ptr,
 def sample_weight(mu, rho, seed, dtype, sigma_param, prior=None, prior_sigma=1.0, with_kl=False):
     """(W, kl): W = mu + s(rho) * philox_normal(seed, mu.shape), a new tensor in ``dtype``; kl the float32 KL of
     (mu, rho) against N(prior, prior_sigma^2) when ``with_kl``, else None.  mu, rho, prior contiguous, not empty."""
+    return _posterior_pass(mu, rho, seed, dtype, sigma_param, prior, prior_sigma, with_kl, variance=False)
+
+
+def sigma_squared(mu, rho, dtype, sigma_param, prior=None, prior_sigma=1.0, with_kl=False):
+    """(s(rho)^2 as a new tensor in ``dtype``, kl or None): the lrt variance weights, KL as in ``sample_weight``."""
+    # no noise is drawn: mu stands in for the seed pointer
+    return _posterior_pass(mu, rho, mu, dtype, sigma_param, prior, prior_sigma, with_kl, variance=True)
+
+
+def _posterior_pass(mu, rho, seed, dtype, sigma_param, prior, prior_sigma, with_kl, variance):
     numel = mu.numel()
     grid = triton.cdiv(numel, _BLOCK)
     w = torch.empty(mu.shape, dtype=dtype, device=mu.device)
@@ -88,14 +106,15 @@ def sample_weight(mu, rho, seed, dtype, sigma_param, prior=None, prior_sigma=1.0
     log_ps, half_inv_ps2, _ = prior_constants(prior_sigma)
     _sample_kernel[(grid,)](mu, rho, mu if prior is None else prior, seed, w, partial, numel, log_ps, half_inv_ps2,
                             WITH_KL=with_kl, HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus",
-                            BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                            VARIANCE=variance, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return w, (partial.sum() if with_kl else None)
 
 
 def reparam_weight_grads(grad_w, grad_kl, mu, rho, prior, seed, prior_sigma, sigma_param):
-    """(dmu, drho) in mu's dtype from G = ``grad_w`` (float32, contiguous (N, K)); for float32 mu, dmu is G's buffer
-    overwritten in place (one weight-sized allocation fewer).  ``grad_kl``: float32 0-dim tensor on mu's device."""
-    dmu = grad_w if mu.dtype == torch.float32 else torch.empty_like(mu)
+    """(dmu, drho) in mu's dtype from G = ``grad_w`` (contiguous, mu's shape; float32 here, x's dtype from a conv);
+    when G has mu's dtype, dmu is G's buffer overwritten in place (one weight-sized allocation fewer).
+    ``grad_kl``: float32 0-dim tensor on mu's device."""
+    dmu = grad_w if grad_w.dtype == mu.dtype else torch.empty_like(mu)
     drho = torch.empty_like(rho)
     numel = mu.numel()
     _, _, inv_ps2 = prior_constants(prior_sigma)
