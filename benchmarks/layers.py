@@ -2,6 +2,8 @@
 
 ``paper_style_linear`` is how the method is usually written: sample eps with torch.randn_like, materialise
 W = mu + sigma * eps and let autograd keep both for backward; the KL is a separate pass over mu and sigma.
+For the Bayesian LoRA op: ``peft_lora`` (PEFT's unfused LoRA: base linear plus two small linears) and
+``paper_style_lora`` (the same with B = mu + sigma * randn_like(mu) materialised).
 """
 from __future__ import annotations
 
@@ -99,16 +101,96 @@ def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y):
 
 def saved_bytes(variant, x, mu, rho, bias, prior_mu) -> int:
     """Bytes of the tensors autograd saves for backward that are not inputs of the layer."""
-    inputs = {t.untyped_storage().data_ptr() for t in (x, mu, rho, bias, prior_mu)}
+    with triton_reparam_variant(FORCED_TRITON_REPARAM.get(variant)):
+        return bytes_saved_for_backward(lambda: VARIANTS[variant](x, mu, rho, bias, prior_mu),
+                                        (x, mu, rho, bias, prior_mu))
+
+
+def bytes_saved_for_backward(call, inputs) -> int:
+    """Bytes of the tensors autograd saves while ``call()`` runs that are not (views of) one of ``inputs``."""
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
     saved = {}
 
     def pack(tensor):
         pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in inputs:
+        if pointer not in input_storages:
             saved[pointer] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            triton_reparam_variant(FORCED_TRITON_REPARAM.get(variant)):
-        VARIANTS[variant](x, mu, rho, bias, prior_mu)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call()
     return sum(saved.values())
+
+
+# --- Bayesian LoRA baselines ---------------------------------------------------------------------------------------
+# A LoRA on a frozen base: x (M, K) and the base in the activation dtype, float32 factors (mixed-precision LoRA
+# training, factors cast to x's dtype as autocast would), rank 4, B Bayesian (the paper's LoRA preset).
+
+SD15_LORA_SHAPES = {name: SD15_LINEAR_SHAPES[name] for name in ("attn-320", "attn-640", "attn-1280")}
+CPU_LORA_SHAPES = CPU_LINEAR_SHAPES
+LORA_RANK = 4
+LORA_SCALE = 1.0
+LORA_PRIOR_SIGMA = 0.01
+
+
+def peft_lora(x, weight, bias, lora_a, lora_b, rho):
+    """PEFT's LoRA forward: the base layer, then lora_B(lora_A(x)) * scaling added (two small linears, unfused)."""
+    y = F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype)) * LORA_SCALE
+    return y, None
+
+
+def paper_style_lora(x, weight, bias, lora_a, lora_b, rho):
+    """The paper's Bayesian LoRA: B = mu + sigma * randn_like(mu) materialised (autograd keeps eps and the sample),
+    the PEFT-style unfused layer on top, the KL a separate pass."""
+    sigma = sigma_from_rho(rho, "softplus")
+    sample = lora_b + sigma * torch.randn_like(lora_b)
+    y = F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a.to(x.dtype)), sample.to(x.dtype)) * LORA_SCALE
+    return y, gaussian_kl_terms(lora_b, sigma, None, LORA_PRIOR_SIGMA).sum()
+
+
+def fused_lora(estimator):
+    def run(x, weight, bias, lora_a, lora_b, rho):
+        return bk.bayes_lora_linear(x, weight, bias, lora_a, lora_b, rho, scale=LORA_SCALE, bayes="B",
+                                    seed=torch.tensor(1234, device=x.device), prior_sigma=LORA_PRIOR_SIGMA,
+                                    estimator=estimator)
+    return run
+
+
+LORA_VARIANTS = {
+    "F.linear": lambda x, weight, bias, *factors: (F.linear(x, weight, bias), None),  # the frozen base alone
+    "peft-lora": peft_lora,
+    "paper-lora": paper_style_lora,
+    "fused-lora-reparam": fused_lora("reparam"),
+    "fused-lora-lrt": fused_lora("lrt"),
+}
+
+
+def make_lora_layer(m, n, k, dtype, device, rank=LORA_RANK):
+    """(x, weight, bias, lora_a, lora_b, rho): x requires grad; the base is frozen in ``dtype``; float32 factors."""
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    bias = torch.zeros(n, device=device, dtype=dtype)
+    lora_a = (torch.randn(rank, k, device=device) / k**0.5).requires_grad_()
+    lora_b = (torch.randn(n, rank, device=device) * 0.01).requires_grad_()
+    rho = torch.full((n, rank), -5.0, device=device, requires_grad=True)
+    return x, weight, bias, lora_a, lora_b, rho
+
+
+def lora_forward_backward(variant, layer, grad_y):
+    """One training step of the LoRA layer: forward, backward through y and the KL; gradients are reset."""
+    y, kl = LORA_VARIANTS[variant](*layer)
+    outputs, grads = [y], [grad_y]
+    if kl is not None:
+        outputs.append(kl)
+        grads.append(torch.ones_like(kl))
+    if variant == "F.linear":  # the frozen base has no parameter: backpropagate to x only
+        torch.autograd.backward(outputs, grads, inputs=[layer[0]])
+    else:
+        torch.autograd.backward(outputs, grads)
+    for tensor in layer:
+        tensor.grad = None
+
+
+def lora_saved_bytes(variant, layer) -> int:
+    return bytes_saved_for_backward(lambda: LORA_VARIANTS[variant](*layer), layer)
+

@@ -57,17 +57,18 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def time_variants(layer, grad_y, device, repeats: int, warmup: int, variants) -> dict:
+def time_variants(step, device, repeats: int, warmup: int, variants) -> dict:
+    """Median seconds of ``step(variant)`` per variant, the variants interleaved round-robin."""
     def one(variant):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            forward_backward(variant, *layer, grad_y)
+            step(variant)
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1e3
         begin = time.perf_counter()
-        forward_backward(variant, *layer, grad_y)
+        step(variant)
         return time.perf_counter() - begin
 
     for _ in range(warmup):
@@ -101,7 +102,8 @@ def main(argv=None) -> dict:
     for name, (m, n, k) in shapes.items():
         layer = make_layer(m, n, k, dtype, device)
         grad_y = torch.randn(m, n, device=device, dtype=dtype)
-        seconds = time_variants(layer, grad_y, device, repeats, args.warmup, variants)
+        seconds = time_variants(lambda variant: forward_backward(variant, *layer, grad_y), device, repeats,
+                                args.warmup, variants)
         saved = {variant: saved_bytes(variant, *layer) for variant in variants}
         ratios = {
             "reparam_over_linear": seconds["fused-reparam"] / seconds["F.linear"],

@@ -62,3 +62,33 @@ def conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding, 
                                                list(padding), list(dilation), int(groups), float(prior_sigma),
                                                sigma_param, estimator, bool(need_dx))
     return (dx if need_dx else None), dmu, drho
+
+
+def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale: float, bayes: str, prior_sigma: float,
+                    sigma_param: str, estimator: str):
+    return torch.ops.bnn_cpu.lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, float(scale), bayes,
+                                             float(prior_sigma), sigma_param, estimator)
+
+
+def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale: float, bayes: str,
+                    prior_sigma: float, sigma_param: str, estimator: str, need_dx: bool):
+    dx, da, db, drho = torch.ops.bnn_cpu.lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h,
+                                                         aux, float(scale), bayes, float(prior_sigma), sigma_param,
+                                                         estimator, bool(need_dx))
+    return (dx if need_dx else None), da, db, drho
+
+
+def lora_conv2d_fwd(x, weight, bias, lora_a, lora_b, rho, seed, stride, padding, dilation, scale: float, bayes: str,
+                    prior_sigma: float, sigma_param: str, estimator: str):
+    return torch.ops.bnn_cpu.lora_conv2d_fwd(x, weight, bias, lora_a, lora_b, rho, seed, list(stride), list(padding),
+                                             list(dilation), float(scale), bayes, float(prior_sigma), sigma_param,
+                                             estimator)
+
+
+def lora_conv2d_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, stride, padding, dilation,
+                    scale: float, bayes: str, prior_sigma: float, sigma_param: str, estimator: str, need_dx: bool):
+    dx, da, db, drho = torch.ops.bnn_cpu.lora_conv2d_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h,
+                                                         aux, list(stride), list(padding), list(dilation),
+                                                         float(scale), bayes, float(prior_sigma), sigma_param,
+                                                         estimator, bool(need_dx))
+    return (dx if need_dx else None), da, db, drho

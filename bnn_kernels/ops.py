@@ -58,10 +58,12 @@ def _check_float(name: str, tensor, allowed=SUPPORTED_DTYPES) -> None:
         raise ValueError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {tensor.dtype}")
 
 
-def _check_same_device(device: torch.device, **tensors) -> None:
+def _check_same_device(device: torch.device, anchor: str = "mu", **tensors) -> None:
+    """ValueError unless every tensor is on ``device``, the device of the tensor named ``anchor``."""
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != device:
-            raise ValueError(f"{name} is on {tensor.device} but mu is on {device}: all tensors must share a device")
+            raise ValueError(f"{name} is on {tensor.device} but {anchor} is on {device}: all tensors must share a "
+                             f"device")
 
 
 def _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param) -> float:
@@ -457,4 +459,315 @@ def bayes_conv2d(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     _check_backend_dtypes(backend, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
     y, kl, _ = _bayes_conv2d_op(x4, mu.contiguous(), rho.contiguous(), bias, _contiguous(prior_mu), seed_t, stride,
                                 padding, dilation, groups, prior_sigma, sigma_param, estimator, backend)
+    return (y if batched else y.squeeze(0)), kl
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bayesian LoRA: bayes_lora_linear, bayes_lora_conv2d
+# --------------------------------------------------------------------------------------------------------------
+# y = base(x; weight) + bias + scale * up(down(x; lora_a); lora_b), one factor (``bayes``) Gaussian with mean = that
+# factor, sigma = s(rho), prior N(0, prior_sigma^2).  The base layer is frozen: weight and bias get no gradient, and
+# the ops refuse them when they require grad in grad mode (freeze them first, as PEFT does).  Autograd keeps the
+# inputs, the seed and the rank-space activation h the up map consumed (M x r for the linear op, N x r x H_out x
+# W_out for the conv; lrt "A" also keeps t's standard deviation, as large): nothing with the base weight's or the
+# output's size.  Keeping h, a fraction r / out_features of the output, spares backward a pass over x to
+# recompute down(x; A) before the gradients of B and of x can start.
+
+LORA_FACTORS = ("A", "B")
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _rank_dtype(x_dtype: torch.dtype, factor_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the rank-space activation kept for backward: float32, or float64 when x or the factors are."""
+    return torch.promote_types(torch.promote_types(x_dtype, factor_dtype), torch.float32)
+
+
+def _check_lora(x, weight, bias, lora_a, lora_b, rho, scale, bayes, prior_sigma, sigma_param, estimator):
+    """Checks shared by both LoRA ops (dtypes, the Bayesian factor, options, devices, the frozen base);
+    returns (prior_sigma, scale) as floats."""
+    check_choice("bayes", bayes, LORA_FACTORS)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
+    prior_sigma = check_positive_float("prior_sigma", prior_sigma)
+    scale = _check_scale(scale)
+    for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("rho", rho)):
+        _check_float(name, tensor)
+    if bias is not None:
+        _check_float("bias", bias)
+    if lora_b.dtype != lora_a.dtype:
+        raise ValueError(f"lora_b must have lora_a's dtype {lora_a.dtype}, got {lora_b.dtype}")
+    name, factor = ("lora_a", lora_a) if bayes == "A" else ("lora_b", lora_b)
+    if rho.dtype != factor.dtype:
+        raise ValueError(f"rho must have {name}'s dtype {factor.dtype}, got {rho.dtype}")
+    _check_same_device(lora_a.device, "lora_a", x=x, weight=weight, bias=bias, lora_b=lora_b, rho=rho)
+    if torch.is_grad_enabled():
+        for frozen_name, frozen in (("weight", weight), ("bias", bias)):
+            if frozen is not None and frozen.requires_grad:
+                raise ValueError(f"{frozen_name} requires grad, but the base layer of a LoRA op is frozen and gets "
+                                 f"no gradient: call {frozen_name}.requires_grad_(False) (as PEFT does), or train "
+                                 f"a full-rank posterior with bayes_linear / bayes_conv2d")
+    _check_finite(x=x, lora_a=lora_a, lora_b=lora_b, rho=rho)
+    return prior_sigma, scale
+
+
+def _check_factor_shapes(lora_a, lora_b, rho, bayes: str, out_features: int, b_shape: tuple) -> None:
+    """lora_a has a rank r >= 1 (checked against the base by the caller), lora_b has ``b_shape``, rho the shape of
+    the Bayesian factor."""
+    rank = lora_a.shape[0] if lora_a.dim() > 0 else 0
+    if rank < 1:
+        raise ValueError(f"lora_a must have at least one row (the rank r), got shape {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != b_shape:
+        raise ValueError(f"lora_b must have shape {b_shape} (out_features {out_features}, rank {rank} from "
+                         f"lora_a), got {tuple(lora_b.shape)}")
+    name, factor = ("lora_a", lora_a) if bayes == "A" else ("lora_b", lora_b)
+    if rho.shape != factor.shape:
+        raise ValueError(f"rho must have the shape {tuple(factor.shape)} of the Bayesian factor {name} "
+                         f"(bayes={bayes!r}), got {tuple(rho.shape)}")
+
+
+def _lora_backend(device, empty: bool, **tensors) -> str:
+    # an empty batch still yields the KL; the reference backend handles it
+    backend = registry.select(device) if not empty else "reference"
+    _check_backend_dtypes(backend, **tensors)
+    return backend
+
+
+def _lora_fake_outputs(x, lora_a, rho, y_shape, h_shape, bayes, estimator):
+    rank_dtype = _rank_dtype(x.dtype, lora_a.dtype)
+    aux_shape = h_shape if (bayes == "A" and estimator == "lrt") else (0,)
+    return (x.new_empty(y_shape), rho.new_empty((), dtype=kl_dtype(rho.dtype)),
+            x.new_empty(h_shape, dtype=rank_dtype), x.new_empty(aux_shape, dtype=rank_dtype))
+
+
+def _lora_backward_outputs(dx, da, db, drho, x):
+    dx = x.new_empty(0) if dx is None else dx.contiguous()
+    return dx, da.contiguous(), db.contiguous(), drho.contiguous()
+
+
+def _lora_setup(ctx, x, weight, lora_a, lora_b, rho, seed, output, config):
+    _, _, h, aux = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, rho, seed, h, aux)
+    ctx.config = config
+    ctx.mark_non_differentiable(h, aux)
+
+
+def _lora_saved_and_grads(ctx, grad_y, grad_kl):
+    """The saved tensors with grad_y / grad_kl in the dtypes the backward ops take."""
+    x, weight, lora_a, lora_b, rho, seed, h, aux = ctx.saved_tensors
+    grads = (grad_y.to(x.dtype).contiguous(), grad_kl.to(kl_dtype(rho.dtype)).contiguous())
+    return grads + (x, weight, lora_a, lora_b, rho, seed, h, aux)
+
+
+# --- bayes_lora_linear ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("bnn::bayes_lora_linear", mutates_args=())
+def _bayes_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, scale: float, bayes: str,
+                          prior_sigma: float, sigma_param: str, estimator: str,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, kl, h, aux = registry.get(backend).lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes,
+                                                          prior_sigma, sigma_param, estimator)
+    return y.contiguous(), kl, h.contiguous(), aux.contiguous()
+
+
+@_bayes_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma, sigma_param, estimator, backend):
+    return _lora_fake_outputs(x, lora_a, rho, (x.shape[0], weight.shape[0]), (x.shape[0], lora_a.shape[0]), bayes,
+                              estimator)
+
+
+@torch.library.custom_op("bnn::bayes_lora_linear_backward", mutates_args=())
+def _bayes_lora_linear_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: torch.Tensor,
+                                   weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                                   rho: torch.Tensor, seed: torch.Tensor, h: torch.Tensor, aux: torch.Tensor,
+                                   scale: float, bayes: str, prior_sigma: float, sigma_param: str, estimator: str,
+                                   backend: str, need_dx: bool
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = registry.get(backend).lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux,
+                                                  scale, bayes, prior_sigma, sigma_param, estimator, need_dx)
+    return _lora_backward_outputs(*grads, x)
+
+
+@_bayes_lora_linear_backward_op.register_fake
+def _(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes, prior_sigma, sigma_param,
+      estimator, backend, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(rho)
+
+
+def _bayes_lora_linear_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma, sigma_param, estimator, backend = inputs
+    _lora_setup(ctx, x, weight, lora_a, lora_b, rho, seed, output,
+                (scale, bayes, prior_sigma, sigma_param, estimator, backend))
+
+
+def _bayes_lora_linear_backward(ctx, grad_y, grad_kl, _grad_h, _grad_aux):
+    dx, da, db, drho = _bayes_lora_linear_backward_op(*_lora_saved_and_grads(ctx, grad_y, grad_kl), *ctx.config,
+                                                      ctx.needs_input_grad[0])
+    return (_grad_or_none(dx), None, None, da, db, drho) + (None,) * 7
+
+
+_bayes_lora_linear_op.register_autograd(_bayes_lora_linear_backward, setup_context=_bayes_lora_linear_setup)
+
+
+def bayes_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, rho: torch.Tensor, *, scale: float, bayes: str = "B", seed: SeedLike,
+                      prior_sigma: float = 1.0, sigma_param: str = "softplus", estimator: str = "reparam"):
+    """Frozen linear layer plus a Bayesian low-rank update; returns ``(y, kl)``.
+
+    ``y = x @ weight.T + bias + scale * (x @ A.T) @ B.T`` with ``A = lora_a`` ``(r, K)``, ``B = lora_b`` ``(N, r)``.
+    The factor named by ``bayes`` ("A", as BLoB, or "B", as the paper) is Gaussian: mean = that factor, sigma =
+    s(rho) (rho has its shape), prior N(0, prior_sigma^2); the other factor is deterministic.
+    reparam: the factor is sampled once per call, ``F = mean + sigma * philox_normal(seed, F.shape)``.
+    lrt (in rank space): bayes "B": ``h = x @ A.T``, low-rank output ``h @ B.T + sqrt((h*h) @ (sigma^2).T) * xi``
+    with ``xi = philox_normal(seed, (M, N))``; bayes "A": ``t = x @ A.T + sqrt((x*x) @ (sigma^2).T) * xi`` with
+    ``xi = philox_normal(seed, (M, r))``, low-rank output ``t @ B.T``.
+    ``kl = gaussian_kl(factor, rho, None, prior_sigma)``, produced by the same op.
+
+    ``x`` is ``(..., K)`` in float32/float16/bfloat16; ``weight`` ``(N, K)`` and ``bias`` ``(N,)`` may have another
+    floating dtype (a 16-bit frozen base with float32 factors, as in mixed-precision LoRA training) and are frozen:
+    they get no gradient, and must not require grad in grad mode.  Gradients flow to x, lora_a, lora_b and rho.
+    ``y`` is ``(..., N)`` in x's dtype; ``kl`` float32 (float64 for float64 factors).
+    """
+    prior_sigma, scale = _check_lora(x, weight, bias, lora_a, lora_b, rho, scale, bayes, prior_sigma, sigma_param,
+                                     estimator)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    _check_bias(bias, out_features)
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_features:
+        raise ValueError(f"lora_a must have shape (r, {in_features}), got {tuple(lora_a.shape)}")
+    _check_factor_shapes(lora_a, lora_b, rho, bayes, out_features, (out_features, lora_a.shape[0]))
+    seed_t = _seed_tensor(seed, lora_a.device)
+    leading = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    backend = _lora_backend(lora_a.device, x2d.shape[0] == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
+                            lora_b=lora_b)
+    y, kl, _, _ = _bayes_lora_linear_op(x2d, weight.contiguous(), _contiguous(bias), lora_a.contiguous(),
+                                        lora_b.contiguous(), rho.contiguous(), seed_t, scale, bayes, prior_sigma,
+                                        sigma_param, estimator, backend)
+    return y.view(*leading, out_features), kl
+
+
+# --- bayes_lora_conv2d ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("bnn::bayes_lora_conv2d", mutates_args=())
+def _bayes_lora_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, stride: list[int],
+                          padding: list[int], dilation: list[int], scale: float, bayes: str, prior_sigma: float,
+                          sigma_param: str, estimator: str,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, kl, h, aux = registry.get(backend).lora_conv2d_fwd(x, weight, bias, lora_a, lora_b, rho, seed, stride,
+                                                          padding, dilation, scale, bayes, prior_sigma, sigma_param,
+                                                          estimator)
+    return y.contiguous(), kl, h.contiguous(), aux.contiguous()
+
+
+@_bayes_lora_conv2d_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, rho, seed, stride, padding, dilation, scale, bayes, prior_sigma, sigma_param,
+      estimator, backend):
+    y_shape = _conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return _lora_fake_outputs(x, lora_a, rho, y_shape, (y_shape[0], lora_a.shape[0], *y_shape[2:]), bayes,
+                              estimator)
+
+
+@torch.library.custom_op("bnn::bayes_lora_conv2d_backward", mutates_args=())
+def _bayes_lora_conv2d_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: torch.Tensor,
+                                   weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                                   rho: torch.Tensor, seed: torch.Tensor, h: torch.Tensor, aux: torch.Tensor,
+                                   stride: list[int], padding: list[int], dilation: list[int], scale: float,
+                                   bayes: str, prior_sigma: float, sigma_param: str, estimator: str, backend: str,
+                                   need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = registry.get(backend).lora_conv2d_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux,
+                                                  stride, padding, dilation, scale, bayes, prior_sigma, sigma_param,
+                                                  estimator, need_dx)
+    return _lora_backward_outputs(*grads, x)
+
+
+@_bayes_lora_conv2d_backward_op.register_fake
+def _(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, stride, padding, dilation, scale, bayes,
+      prior_sigma, sigma_param, estimator, backend, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(rho)
+
+
+def _bayes_lora_conv2d_setup(ctx, inputs, output):
+    (x, weight, bias, lora_a, lora_b, rho, seed, stride, padding, dilation, scale, bayes, prior_sigma, sigma_param,
+     estimator, backend) = inputs
+    _lora_setup(ctx, x, weight, lora_a, lora_b, rho, seed, output,
+                (stride, padding, dilation, scale, bayes, prior_sigma, sigma_param, estimator, backend))
+
+
+def _bayes_lora_conv2d_backward(ctx, grad_y, grad_kl, _grad_h, _grad_aux):
+    dx, da, db, drho = _bayes_lora_conv2d_backward_op(*_lora_saved_and_grads(ctx, grad_y, grad_kl), *ctx.config,
+                                                      ctx.needs_input_grad[0])
+    return (_grad_or_none(dx), None, None, da, db, drho) + (None,) * 10
+
+
+_bayes_lora_conv2d_op.register_autograd(_bayes_lora_conv2d_backward, setup_context=_bayes_lora_conv2d_setup)
+
+
+def bayes_lora_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, rho: torch.Tensor, *, scale: float, stride=1, padding=0, dilation=1,
+                      groups: int = 1, bayes: str = "B", seed: SeedLike, prior_sigma: float = 1.0,
+                      sigma_param: str = "softplus", estimator: str = "reparam"):
+    """Frozen conv2d plus a Bayesian low-rank update; returns ``(y, kl)``.
+
+    ``y = conv2d(x, weight, bias) + scale * conv1x1(conv2d(x, A), B)``: ``A = lora_a`` ``(r, C_in, kh, kw)`` is a
+    conv with r output channels and the base's stride / padding / dilation, ``B = lora_b`` ``(C_out, r, 1, 1)`` a
+    1x1 conv.  The factor named by ``bayes`` is Gaussian as in ``bayes_lora_linear`` (reparam noise
+    ``philox_normal(seed, factor.shape)``); lrt works in rank space: bayes "B" adds
+    ``sqrt(conv1x1(h*h, sigma^2)) * philox_normal(seed, y.shape)`` with ``h = conv2d(x, A)``, bayes "A" samples
+    ``t = conv2d(x, A) + sqrt(conv2d(x*x, sigma^2)) * philox_normal(seed, t.shape)`` (t: (N, r, H_out, W_out)),
+    flat NCHW indices.  The base conv must be ungrouped (``groups=1``): a grouped base has no low-rank update of
+    this form.  ``x`` is ``(N, C_in, H, W)`` or ``(C_in, H, W)`` (channels_last is read as NCHW); geometry
+    arguments as in F.conv2d (``padding`` also "valid" / "same").  weight and bias are frozen (see
+    ``bayes_lora_linear``).  ``y`` is a contiguous NCHW tensor in x's dtype.
+    """
+    prior_sigma, scale = _check_lora(x, weight, bias, lora_a, lora_b, rho, scale, bayes, prior_sigma, sigma_param,
+                                     estimator)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    if groups != 1:
+        raise ValueError(f"groups must be 1 for a LoRA conv (A is an ungrouped conv with r output channels, B a 1x1 "
+                         f"conv), got groups={groups}")
+    if weight.dim() != 4 or min(weight.shape) < 1:
+        raise ValueError(f"weight must be 4-D (out_channels, in_channels, kernel_h, kernel_w) with non-zero sizes, "
+                         f"got shape {tuple(weight.shape)}")
+    out_channels, in_channels, kernel_h, kernel_w = weight.shape
+    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+        raise ValueError(f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match weight "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+    _check_bias(bias, out_channels)
+    if lora_a.dim() != 4 or tuple(lora_a.shape[1:]) != (in_channels, kernel_h, kernel_w):
+        raise ValueError(f"lora_a must have shape (r, {in_channels}, {kernel_h}, {kernel_w}) (the base's kernel), "
+                         f"got {tuple(lora_a.shape)}")
+    _check_factor_shapes(lora_a, lora_b, rho, bayes, out_channels, (out_channels, lora_a.shape[0], 1, 1))
+    stride = _int_pair("stride", stride, 1)
+    dilation = _int_pair("dilation", dilation, 1)
+    padding = _conv_padding(padding, (kernel_h, kernel_w), stride, dilation)
+    batched = x.dim() == 4
+    x4 = (x if batched else x.unsqueeze(0)).contiguous()  # NCHW, whatever x's memory format
+    out_shape = _conv_output_shape(x4.shape, weight.shape, stride, padding, dilation)
+    if min(out_shape[2:]) < 1:
+        raise ValueError(f"x's spatial size {tuple(x.shape[-2:])} is too small for kernel {(kernel_h, kernel_w)} "
+                         f"with padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be "
+                         f"{tuple(out_shape[2:])}")
+    seed_t = _seed_tensor(seed, lora_a.device)
+    backend = _lora_backend(lora_a.device, x4.numel() == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
+                            lora_b=lora_b)
+    y, kl, _, _ = _bayes_lora_conv2d_op(x4, weight.contiguous(), _contiguous(bias), lora_a.contiguous(),
+                                        lora_b.contiguous(), rho.contiguous(), seed_t, stride, padding, dilation,
+                                        scale, bayes, prior_sigma, sigma_param, estimator, backend)
     return (y if batched else y.squeeze(0)), kl

@@ -47,6 +47,44 @@ Its backward is the linear one with ``a @ B^T`` read as conv2d(a, B), and ``g @ 
 weight vector-Jacobian products of that conv (aten.convolution_backward): reparam dx = vjp_input(g, W),
 G = vjp_weight(g, x); lrt dx = vjp_input(g, mu) + 2 x vjp_input(u, sigma^2), dmu = vjp_weight(g, x) + gk dKL/dmu,
 drho = (2 sigma vjp_weight(u, x^2) + gk dKL/dsigma) s'(rho).
+
+Bayesian LoRA (``bnn_kernels.ops.bayes_lora_linear`` / ``bayes_lora_conv2d``): y = base(x; W) + bias +
+scale * up(down(x; A); B).  Linear: base(x; W) = x @ W^T, down(x; A) = x @ A^T, up(h; B) = h @ B^T with x (M, K),
+W (N, K), A = ``lora_a`` (r, K), B = ``lora_b`` (N, r).  Conv: base / down are conv2d with the op's stride, padding,
+dilation (groups 1) and W (N, C, kh, kw), A (r, C, kh, kw); up is the 1x1 conv with B (N, r, 1, 1); x, y NCHW.  The
+base ``weight`` / ``bias`` are frozen (no gradient) and may have any floating dtype; ``lora_a``, ``lora_b``, ``rho``
+share one; ``rho`` has the shape of the Bayesian factor F (A for ``bayes`` "A", B for "B"), whose prior is
+N(0, prior_sigma^2).  Precision: every map runs on operands rounded to x's dtype with float32 accumulation (the
+weight is converted tile by tile or block by block, never as a whole); the factor sample / sigma^2 is formed in
+float32; h is kept in float32 (float64 when x or the factors are float64: the "rank dtype") and rounded to x's
+dtype as the up map's operand; y is formed in float32 and rounded once.  The lrt variance maps may take bfloat16
+operands for 16-bit x (as linear's).  Noise, by estimator and factor (flat row-major / NCHW indices):
+    reparam:  eps = philox_normal(seed, F.numel()) viewed as F.shape; F_s = F + sigma * eps (the other factor as is)
+              h = down(x; A_s);  y_lora = up(h; B_s)
+    lrt "B":  h = down(x; A);  std = sqrt(up(h^2; sigma^2));  y_lora = up(h; B) + std * xi,  xi over y's shape
+    lrt "A":  std_t = sqrt(down(x^2; sigma^2));  h = t = down(x; A) + std_t * xi,  xi over t's shape (M, r) /
+              (batch, r, H_out, W_out);  y_lora = up(t; B)
+
+``lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma, sigma_param, estimator)
+    -> (y, kl, h, aux)``: y in x's dtype; kl = KL(F) in the KL dtype of the factors; h the rank-space activation
+    above in the rank dtype ((M, r), kept for backward); aux = std_t for lrt "A" (h's shape), else empty.
+``lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes, prior_sigma,
+    sigma_param, estimator, need_dx) -> (dx or None, dA, dB, drho)``: dA, dB, drho in the factors' dtype, the KL
+    gradient included in the Bayesian factor's.
+``lora_conv2d_fwd(x, weight, bias, lora_a, lora_b, rho, seed, stride, padding, dilation, scale, bayes, prior_sigma,
+    sigma_param, estimator)`` / ``lora_conv2d_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux,
+    stride, padding, dilation, scale, bayes, prior_sigma, sigma_param, estimator, need_dx)``: the same for the conv.
+Backward, with gl = scale * g and vjp_in / vjp_w the input / weight vector-Jacobian products of a map (for the
+linear maps: vjp_in(d, A) = d @ A, vjp_w(d, x) = d^T @ x):
+    reparam:  dh = vjp_in_up(gl, B_s);  G_B = vjp_w_up(gl, h);  G_A = vjp_w_down(dh, x)
+              dx = vjp_in_base(g, W) + vjp_in_down(dh, A_s);  the other factor's gradient is its G
+              dF = G_F + gk * dKL/dmu ;  drho = (G_F * eps + gk * dKL/dsigma) * s'(rho)
+    lrt "B":  u = gl * xi / (2 std) (0 where std == 0);  dh = vjp_in_up(gl, B) + 2 h * vjp_in_up(u, sigma^2)
+              dA = vjp_w_down(dh, x);  dx = vjp_in_base(g, W) + vjp_in_down(dh, A)
+              dB = vjp_w_up(gl, h) + gk * dKL/dmu ;  drho = (2 sigma vjp_w_up(u, h^2) + gk * dKL/dsigma) * s'(rho)
+    lrt "A":  dt = vjp_in_up(gl, B);  u = dt * xi / (2 std_t) (0 where std_t == 0);  dB = vjp_w_up(gl, t)
+              dx = vjp_in_base(g, W) + vjp_in_down(dt, A) + 2 x * vjp_in_down(u, sigma^2)
+              dA = vjp_w_down(dt, x) + gk * dKL/dmu ;  drho = (2 sigma vjp_w_down(u, x^2) + gk * dKL/dsigma) * s'(rho)
 """
 from __future__ import annotations
 

@@ -55,4 +55,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double prior_sigma,
     c10::string_view sigma_param, c10::string_view estimator, bool need_dx);
 
+// Bayesian LoRA (bnn_kernels/registry.py): y = base(x; weight) + bias + scale * up(down(x; lora_a); lora_b), the factor
+// named by bayes ("A" or "B") Gaussian with sigma from rho.  Linear: x (M, K), weight (N, K), lora_a (r, K), lora_b
+// (N, r).  Returns (y in x's dtype, kl 0-dim, h the rank-space activation kept for backward, aux = t's standard
+// deviation for lrt "A" or empty); h and aux are float32, or float64 when x or the factors are.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& rho, const at::Tensor& seed, double scale, c10::string_view bayes,
+    double prior_sigma, c10::string_view sigma_param, c10::string_view estimator);
+
+// (dx in x's dtype or an empty tensor when not need_dx, d lora_a, d lora_b, drho in the factors' dtype), the KL
+// gradient included in the Bayesian factor's.  The frozen weight gets no gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
+    const at::Tensor& grad_y, const at::Tensor& grad_kl, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& rho, const at::Tensor& seed,
+    const at::Tensor& h, const at::Tensor& aux, double scale, c10::string_view bayes, double prior_sigma,
+    c10::string_view sigma_param, c10::string_view estimator, bool need_dx);
+
+// The conv: x (B, C, H, W), weight (N, C, kh, kw), lora_a (r, C, kh, kw), lora_b (N, r, 1, 1); groups 1.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_conv2d_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& rho, const at::Tensor& seed, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, double scale, c10::string_view bayes, double prior_sigma,
+    c10::string_view sigma_param, c10::string_view estimator);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_conv2d_bwd(
+    const at::Tensor& grad_y, const at::Tensor& grad_kl, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& rho, const at::Tensor& seed,
+    const at::Tensor& h, const at::Tensor& aux, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, double scale, c10::string_view bayes, double prior_sigma, c10::string_view sigma_param,
+    c10::string_view estimator, bool need_dx);
+
 }  // namespace bnn

@@ -9,6 +9,8 @@ imported).  The functions follow the backend contract of ``bnn_kernels.registry`
   sample.py (the "transient" reparam variant: one weight sample per GEMM, fed to torch's matmul and dropped).
   ``BNN_TRITON_REPARAM`` = fused | transient | auto (default) picks the reparam variant at each call;
   ``reparam_variant(M)`` says which one a call with M rows of x runs.
+* ``lora_linear_fwd/bwd`` -> lora.py (the low-rank path in the base GEMM's K loop and epilogue, factor noise in
+  registers); ``lora_conv2d_fwd/bwd`` -> lora.py (torch's convolutions with this backend's noise)
 * ``conv_fwd/bwd``       -> conv.py (one weight sample / sigma^2 per convolution from sample.py's kernels, fed to
   torch's conv and dropped; lrt output noise and weight-gradient epilogues as elementwise kernels)
 """
@@ -29,6 +31,7 @@ if triton is not None:
     from .kl import gaussian_kl_bwd, gaussian_kl_fwd
     from .conv import conv_bwd, conv_fwd
     from .linear import linear_bwd, linear_fwd, reparam_variant
+    from .lora import lora_conv2d_bwd, lora_conv2d_fwd, lora_linear_bwd, lora_linear_fwd
     from .philox import philox_normal
 else:  # pragma: no cover
     def _unavailable(*args, **kwargs):
@@ -36,6 +39,7 @@ else:  # pragma: no cover
 
     philox_normal = gaussian_kl_fwd = gaussian_kl_bwd = linear_fwd = linear_bwd = reparam_variant = _unavailable
     conv_fwd = conv_bwd = _unavailable
+    lora_linear_fwd = lora_linear_bwd = lora_conv2d_fwd = lora_conv2d_bwd = _unavailable
 
 
 def is_available() -> bool:
@@ -44,4 +48,5 @@ def is_available() -> bool:
 
 
 __all__ = ["NAME", "is_available", "philox_normal", "gaussian_kl_fwd", "gaussian_kl_bwd", "linear_fwd",
-           "linear_bwd", "reparam_variant", "conv_fwd", "conv_bwd"]
+           "linear_bwd", "reparam_variant", "conv_fwd", "conv_bwd",
+           "lora_linear_fwd", "lora_linear_bwd", "lora_conv2d_fwd", "lora_conv2d_bwd"]
