@@ -401,7 +401,7 @@ def sigma_statistics(unet: torch.nn.Module) -> dict:
     with torch.no_grad():
         for _, module in bayesian_modules(unet):
             sigma = module.sigma.detach().float()
-            total += sigma.sum().item()
+            total += sigma.double().sum().item()
             count += sigma.numel()
             low, high = min(low, sigma.min().item()), max(high, sigma.max().item())
     if not count:
@@ -568,19 +568,20 @@ def plot_metrics(records: list, path: Path) -> None:
 
     steps = [r["step"] for r in records]
     series = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in records]
-    panels = [("diffusion loss", [("loss", "total"), ("mse", "instance MSE"), ("prior_mse", "prior MSE")], True),
-              ("KL(q || p)", [("kl", "KL")], True),
-              ("posterior sigma", [("sigma_mean", "mean"), ("sigma_min", "min"), ("sigma_max", "max")], True),
-              ("learning rate", [("lr", "lr")], False)]
+    panels = [("diffusion loss", [("loss", "total"), ("mse", "instance MSE"), ("prior_mse", "prior MSE")]),
+              ("KL(q || p)", [("kl", "KL")]),
+              ("posterior sigma", [("sigma_mean", "mean"), ("sigma_min", "min"), ("sigma_max", "max")]),
+              ("learning rate", [("lr", "lr")])]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for axis, (title, keys, log_scale) in zip(axes, panels):
+    for axis, (title, keys) in zip(axes, panels):
         drawn = False
         for key, label in keys:
             values = series(key)
             if any(math.isfinite(v) for v in values):
                 axis.plot(steps, values, label=label)
                 drawn = True
-        if drawn and log_scale and all(v > 0 for k, _ in keys for v in series(k) if math.isfinite(v)):
+        finite = [v for key, _ in keys for v in series(key) if math.isfinite(v)]
+        if drawn and min(finite) > 0 and max(finite) > 20 * min(finite):  # log scale for curves spanning decades
             axis.set_yscale("log")
         if not drawn:
             axis.text(0.5, 0.5, "no Bayesian layers" if title != "diffusion loss" else "no data",
@@ -856,15 +857,16 @@ def train(args: argparse.Namespace) -> TrainResult:
             path = save_checkpoint(accelerator, output_dir, step,
                                    {"global_step": step, "data_seed": data_seed, "config": config},
                                    args.checkpoints_total_limit)
-            progress.write(f"saved {path}")
-            _report(args, accelerator, components, base_unet, metrics, output_dir, step)
+            if accelerator.is_local_main_process:
+                progress.write(f"saved {path}")
+            _report(args, accelerator, components, base_unet, metrics, output_dir, step, validate=True)
     progress.close()
 
     # --- the result: posterior means merged
     accelerator.wait_for_everyone()
     base_unet.eval()
-    if accelerator.is_main_process:
-        _report(args, accelerator, components, base_unet, metrics, output_dir, global_step)
+    _report(args, accelerator, components, base_unet, metrics, output_dir, global_step,
+            validate=global_step % args.checkpointing_steps != 0)  # a checkpoint step has its grid already
     weights_path = _save_result(args, base_unet, output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -872,13 +874,14 @@ def train(args: argparse.Namespace) -> TrainResult:
     return TrainResult(output_dir, global_step, base_unet, metrics.records, weights_path, bayesian_layers)
 
 
-def _report(args, accelerator, components, unet, metrics: MetricsLog, output_dir: Path, step: int) -> None:
-    """The curves plot and (with --validation_prompt) a validation grid for ``step`` (main process)."""
+def _report(args, accelerator, components, unet, metrics: MetricsLog, output_dir: Path, step: int,
+            validate: bool) -> None:
+    """The curves plot and (``validate`` and --validation_prompt) a validation grid for ``step`` (main process)."""
     if not accelerator.is_main_process:
         return
     if metrics.records:
         plot_metrics(metrics.records, output_dir / "metrics.png")
-    if args.validation_prompt:
+    if validate and args.validation_prompt:
         images = validation_images(components, unet, args, accelerator)
         (output_dir / "validation").mkdir(exist_ok=True)
         _save_image_atomic(image_grid(images), output_dir / "validation" / f"step-{step:06d}.png")

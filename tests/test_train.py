@@ -1,0 +1,321 @@
+"""End-to-end tests of ``bnn-diffusion finetune`` (bnn_diffusion.train) on a tiny Stable Diffusion written to disk.
+
+Every run is offline and in-process: a tiny pipeline (tests/tiny_pipeline.py) and three photos from scikit-image,
+resolution 16, two to four steps.  The outputs are reloaded the way a user would (``UNet2DConditionModel.
+from_pretrained`` / ``StableDiffusionPipeline.load_lora_weights``) and compared with the merged model the run
+returned.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+from accelerate.state import AcceleratorState  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+
+import bnn_diffusion as bd  # noqa: E402
+from bnn_diffusion import train as trainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_pipeline  # noqa: E402
+
+PROMPT = "a photo of sks dog"
+RECORD_KEYS = ("loss", "mse", "kl", "sigma_mean", "sigma_min", "sigma_max", "grad_norm", "lr")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-sd")
+    model = tiny_pipeline.write_tiny_pipeline(root / "model")
+    images = tiny_pipeline.write_instance_images(root / "instance", count=3, size=24)
+    return model, images
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each run builds its own Accelerator (mixed precision differs between runs): start from a clean state."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _argv(tiny_sd, output_dir, *extra) -> list:
+    model, images = tiny_sd
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images),
+            "--instance_prompt", PROMPT, "--resolution", "16", "--train_batch_size", "2", "--max_train_steps", "2",
+            "--checkpointing_steps", "2", "--seed", "0", "--output_dir", str(output_dir), *extra]
+
+
+def _run(tiny_sd, output_dir, *extra) -> "trainer.TrainResult":
+    return trainer.train(trainer.parse_args(_argv(tiny_sd, output_dir, *extra)))
+
+
+def _records(output_dir) -> list:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _unet_inputs(unet, batch=2):
+    generator = torch.Generator().manual_seed(1)
+    size = unet.config.sample_size
+    sample = torch.randn(batch, unet.config.in_channels, size, size, generator=generator)
+    text = torch.randn(batch, 16, unet.config.cross_attention_dim, generator=generator)
+    return sample, torch.tensor([10, 70]), text
+
+
+@torch.no_grad()
+def _unet_output(unet) -> torch.Tensor:
+    sample, timesteps, text = _unet_inputs(unet)
+    return unet.eval()(sample, timesteps, encoder_hidden_states=text).sample
+
+
+def _generates(pipeline) -> None:
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(PROMPT, num_inference_steps=2, height=16, width=16, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.as_tensor(images)).all()
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _assert_png(path) -> None:
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+
+
+def _assert_records(records, steps, bayesian=True) -> None:
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for record in records:
+        assert all(isinstance(record[k], float) and record[k] == record[k] for k in ("loss", "mse", "lr"))
+        if bayesian:
+            assert record["kl"] >= 0 and 0 < record["sigma_min"] <= record["sigma_mean"] <= record["sigma_max"]
+        else:
+            assert record["kl"] is None and "sigma_mean" not in record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# full fine-tuning with Bayesian layers + CEP: outputs, resume, reload
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_run(tiny_sd, tmp_path_factory):
+    """4 steps of full fine-tuning, paper-dreambooth Bayesian layers, KL weight > 0, CEP-G, checkpoints at 2 and
+    4, validation grids."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    output_dir = tmp_path_factory.mktemp("full") / "out"
+    result = _run(tiny_sd, output_dir, "--max_train_steps", "4", "--method", "full", "--preset", "paper-dreambooth",
+                  "--kl_weight", "1e-3", "--cep", "gaussian", "--learning_rate", "1e-3", "--validation_prompt",
+                  PROMPT, "--num_validation_images", "2", "--validation_inference_steps", "2")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return output_dir, result
+
+
+def test_full_run_writes_metrics_plot_grids_checkpoints(full_run, tiny_sd):
+    output_dir, result = full_run
+    records = _records(output_dir)
+    _assert_records(records, 4)
+    assert records == result.metrics
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # mu = prior mean and sigma = prior sigma at step 1
+    assert records[-1]["kl"] > records[0]["kl"]  # the update moved mu away from the prior
+    assert records[0]["loss"] == pytest.approx(records[0]["mse"] + 1e-3 * records[0]["kl"], rel=1e-6)
+    _assert_png(output_dir / "metrics.png")
+    for step in (2, 4):
+        _assert_png(output_dir / "validation" / f"step-{step:06d}.png")
+        checkpoint = output_dir / f"checkpoint-{step}"
+        state = json.loads((checkpoint / "training_state.json").read_text())
+        assert state["global_step"] == step
+        assert {"trainable_parameters.safetensors", "optimizer.bin", "random_states_0.pkl"} <= \
+            {p.name for p in checkpoint.iterdir()}
+    assert not [p.name for p in output_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    config = json.loads((output_dir / "training_config.json").read_text())
+    base = UNet2DConditionModel.from_pretrained(tiny_sd[0] / "unet")
+    blocks = [m for m in base.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert config["bayesian_layers"] == result.bayesian_layers and len(result.bayesian_layers) == 6 * len(blocks)
+
+
+def test_full_run_reloads_as_the_merged_unet(full_run, tiny_sd):
+    output_dir, result = full_run
+    assert not bd.bayesian_modules(result.unet), "the returned UNet is merged"
+    reloaded = UNet2DConditionModel.from_pretrained(output_dir / "unet")
+    torch.testing.assert_close(_unet_output(reloaded), _unet_output(result.unet), rtol=0, atol=0)
+    base = UNet2DConditionModel.from_pretrained(tiny_sd[0] / "unet")
+    assert not torch.equal(_unet_output(reloaded), _unet_output(base)), "fine-tuning changed nothing"
+    _generates(StableDiffusionPipeline.from_pretrained(tiny_sd[0], unet=reloaded))
+
+
+def test_resume_continues_the_same_loss_curve(full_run, tiny_sd, tmp_path):
+    """A run interrupted after its step-2 checkpoint and resumed with `latest` gives the uninterrupted run's
+    records for steps 3 and 4 and the same final weights (the later records of the interrupted run are dropped)."""
+    output_dir, _ = full_run
+    resumed = tmp_path / "out"
+    shutil.copytree(output_dir, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    shutil.rmtree(resumed / "unet")
+    with open(resumed / "metrics.jsonl", "a") as handle:  # a record the interrupted run wrote after its checkpoint
+        handle.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
+    _run(tiny_sd, resumed, "--max_train_steps", "4", "--method", "full", "--preset", "paper-dreambooth",
+         "--kl_weight", "1e-3", "--cep", "gaussian", "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest")
+    expected, got = _records(output_dir), _records(resumed)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for want, have in zip(expected, got):
+        for key in RECORD_KEYS:
+            assert have[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (have["step"], key)
+    first = UNet2DConditionModel.from_pretrained(output_dir / "unet").state_dict()
+    second = UNet2DConditionModel.from_pretrained(resumed / "unet").state_dict()
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_curve(full_run, tiny_sd, tmp_path):
+    """Recomputing activations redraws the same per-layer seeds (torch's RNG is restored for the recomputation) and
+    the KL gradient still flows: the first two steps match the run without checkpointing."""
+    output_dir, _ = full_run
+    _run(tiny_sd, tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "100", "--method", "full",
+         "--preset", "paper-dreambooth", "--kl_weight", "1e-3", "--cep", "gaussian", "--learning_rate", "1e-3",
+         "--gradient_checkpointing")
+    got = _records(tmp_path / "out")
+    assert len(got) == 2
+    for want, have in zip(_records(output_dir), got):  # a constant learning rate: the first steps do not depend
+        for key in RECORD_KEYS:                         # on --max_train_steps
+            assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-8), (have["step"], key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA and DiffFit
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, extra", [("none", ()), ("paper-lora", ("--kl_weight", "1e-3")),
+                                           ("bayes-lora", ("--cep", "uniform"))])
+def test_lora_file_loads_into_the_pipeline(tiny_sd, tmp_path, preset, extra):
+    if preset != "none" and preset not in bd.PRESETS:
+        pytest.skip(f"preset {preset} not available")
+    output_dir = tmp_path / "out"
+    result = _run(tiny_sd, output_dir, "--method", "lora", "--preset", preset, "--rank", "4", *extra)
+    _assert_records(_records(output_dir), 2, bayesian=preset != "none")
+    assert result.weights_path == output_dir / "pytorch_lora_weights.safetensors" and result.weights_path.is_file()
+    assert not (output_dir / "unet").exists()
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd[0])
+    base = _unet_output(pipeline.unet)
+    pipeline.load_lora_weights(output_dir)
+    with_lora = _unet_output(pipeline.unet)
+    torch.testing.assert_close(with_lora, _unet_output(result.unet), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(with_lora, base), "the LoRA file changes nothing"
+    _generates(pipeline)
+
+
+@pytest.mark.parametrize("preset", ["none", "paper-dreambooth"])
+def test_difffit_merges_into_a_plain_unet(tiny_sd, tmp_path, preset):
+    output_dir = tmp_path / "out"
+    result = _run(tiny_sd, output_dir, "--method", "difffit", "--preset", preset, "--learning_rate", "1e-2")
+    _assert_records(_records(output_dir), 2, bayesian=preset != "none")
+    reloaded = UNet2DConditionModel.from_pretrained(output_dir / "unet")
+    assert type(reloaded.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2]) is torch.nn.Linear
+    torch.testing.assert_close(_unet_output(reloaded), _unet_output(result.unet), rtol=0, atol=0)
+    base = UNet2DConditionModel.from_pretrained(tiny_sd[0] / "unet")
+    assert not torch.equal(_unet_output(reloaded), _unet_output(base))
+    config = json.loads((output_dir / "training_config.json").read_text())
+    total = sum(p.numel() for p in base.parameters())
+    assert 0 < config["trainable_parameters"] < (total if preset != "none" else total // 10)
+
+
+def test_prior_preservation_generates_class_images_and_accumulates(tiny_sd, tmp_path):
+    class_dir = tmp_path / "class"
+    output_dir = tmp_path / "out"
+    _run(tiny_sd, output_dir, "--max_train_steps", "1", "--method", "full", "--preset", "none",
+         "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of dog",
+         "--num_class_images", "2", "--sample_batch_size", "2", "--num_class_inference_steps", "2",
+         "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16")
+    assert sorted(p.name for p in class_dir.iterdir()) == ["class-00000.png", "class-00001.png"]
+    (record,) = _records(output_dir)
+    assert record["prior_mse"] > 0 and record["kl"] is None
+    assert record["loss"] == pytest.approx(record["mse"] + record["prior_mse"], rel=1e-5)
+    assert record["epoch"] == pytest.approx(2 * 2 / 3)  # two batches of two over three images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors and the command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_naming_the_step(tiny_sd, tmp_path):
+    with pytest.raises(SystemExit, match=r"step 1: the loss is not finite"):
+        trainer.main(_argv(tiny_sd, tmp_path / "out", "--method", "full", "--preset", "paper-dreambooth",
+                           "--sigma_init", "1e30"))
+
+
+def test_clear_errors(tiny_sd, tmp_path, capsys):
+    model, images = tiny_sd
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    cases = [
+        (["--instance_data_dir", str(tmp_path / "missing")], r"--instance_data_dir .*missing' does not exist"),
+        (["--instance_data_dir", str(empty)], r"--instance_data_dir .*empty' holds no image"),
+        (["--pretrained_model_name_or_path", str(images)], r"not a diffusers checkpoint: it has no model_index"),
+        (["--pretrained_model_name_or_path", str(tmp_path / "nope")], r"is not a directory"),
+        (["--pretrained_model_name_or_path", str(model / "unet" / "config.json")], r"is not a directory"),
+        (["--use_8bit_adam"], r"--use_8bit_adam needs the bitsandbytes package"),
+        (["--resolution", "15"], r"--resolution 15 must be a multiple"),
+    ]
+    if _installed("bitsandbytes"):
+        cases = [c for c in cases if "8bit" not in c[0][0]]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            trainer.main(_argv(tiny_sd, tmp_path / "out", *extra))
+        AcceleratorState._reset_state(reset_partial_state=True)
+    usage = [["--method", "lora", "--preset", "paper-dreambooth"], ["--preset", "none", "--kl_weight", "1"],
+             ["--with_prior_preservation"], ["--max_train_steps", "0"], ["--cep_gamma", "-1"]]
+    for extra in usage:
+        with pytest.raises(SystemExit) as exit_info:
+            trainer.main(_argv(tiny_sd, tmp_path / "out", *extra))
+        assert exit_info.value.code == 2, extra
+    assert "--preset paper-dreambooth makes full Bayesian layers" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(full_run, tiny_sd, tmp_path):
+    output_dir, _ = full_run
+    other = tmp_path / "out"
+    shutil.copytree(output_dir / "checkpoint-2", other / "checkpoint-2")
+    with pytest.raises(SystemExit, match=r"was written with other settings: preset 'paper-dreambooth' \(now 'none'\)"):
+        trainer.main(_argv(tiny_sd, other, "--preset", "none", "--resume_from_checkpoint", "latest"))
+    with pytest.raises(SystemExit, match=r"is not a checkpoint of this trainer"):
+        trainer.main(_argv(tiny_sd, other, "--resume_from_checkpoint", str(tmp_path)))
+
+
+def test_cli_dispatches_subcommands(monkeypatch, capsys):
+    from bnn_diffusion import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["finetune", "--help"])
+    assert exit_info.value.code == 0 and "--with_prior_preservation" in capsys.readouterr().out
+    seen = []
+    monkeypatch.setattr(trainer, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["finetune", "--seed", "3"]) == 0 and seen == [["--seed", "3"]]
+    monkeypatch.setitem(sys.modules, "bnn_diffusion.study", None)  # as if the study were not installed
+    with pytest.raises(SystemExit, match="bnn-diffusion study is not available"):
+        cli.main(["study"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["nonsense"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy re-running an imported module
+@pytest.mark.parametrize("module, argv", [("bnn_diffusion.train", ["--help"]),
+                                          ("bnn_diffusion", ["finetune", "--help"])])
+def test_python_dash_m_entry_points(module, argv, monkeypatch, capsys):
+    """``python -m bnn_diffusion.train`` and ``python -m bnn_diffusion finetune`` (run in-process with runpy)."""
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--resume_from_checkpoint" in out and "--cep_gamma" in out
