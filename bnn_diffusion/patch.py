@@ -9,7 +9,8 @@ a module's qualified name taken at dot boundaries**: ``"attn1.to_q"`` matches
 ``...xattn1.to_q``; ``"*"`` matches everything.  A pattern that starts with ``re:`` is a regular expression that must
 match such a suffix entirely (``re.fullmatch``), e.g. ``"re:attn[12]\\.to_(q|k|v)"``.
 
-Only modules of the preset's layer types are candidates (``nn.Linear`` for the presets this version supports).
+Only modules of the preset's layer types are candidates (``nn.Linear``; ``nn.Conv2d`` too for "all" and the LoRA
+presets, whose own patterns name only linears but whose ``targets`` may name convs).
 Layers that PEFT already wrapped are looked through: a PEFT tuner layer is matched by its own name and the layer it
 wraps (at ``<name>.base_layer``) is the one replaced; its adapter layers (``lora_A``, ``lora_B``, ...) are never
 candidates.  The projections of ``nn.MultiheadAttention`` are skipped (it reads their weights without calling them).
@@ -31,11 +32,18 @@ import torch.nn as nn
 from bnn_kernels.checks import check_choice, check_positive_float
 from bnn_kernels.sigma import ESTIMATORS, SIGMA_PARAMS
 
-from .layers import BayesianModule, BayesLinear
+from .layers import (LORA_FACTORS, BayesConv2d, BayesianModule, BayesLinear, BayesLoRAConv2d,
+                     BayesLoRALinear)
 
 __all__ = ["Preset", "PRESETS", "patch", "kl_loss", "merge", "unpatch", "bayesian_modules"]
 
 _ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+_JOINT_TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# The LoRA presets: every attention projection.  UNet / DiT (BasicTransformerBlock): self-attention attn1 and
+# cross-attention attn2; SD3 / Flux joint blocks: both streams of the joint attention; Flux single blocks: q/k/v.
+_LORA_PATTERNS = (tuple(f"attn{i}.{p}" for i in (1, 2) for p in _ATTN_PROJECTIONS)
+                  + tuple(f"transformer_blocks.*.attn.{p}" for p in _ATTN_PROJECTIONS + _JOINT_TEXT_PROJECTIONS)
+                  + tuple(f"single_transformer_blocks.*.attn.{p}" for p in ("to_q", "to_k", "to_v")))
 
 
 @dataclass(frozen=True)
@@ -71,35 +79,44 @@ PRESETS = {
         "q/k/v, proj_mlp, proj_out); full-rank posterior, sigma direct 0.01, prior sigma 0.01"),
     "all-linear": Preset("all-linear", ("*",), "full", (nn.Linear,),
                          "every nn.Linear of the model, full-rank posterior"),
-    "paper-lora": Preset(
-        "paper-lora", tuple(f"attn{i}.{p}" for i in (1, 2) for p in _ATTN_PROJECTIONS), "lora", (nn.Linear,),
-        "LoRA (rank 4) on attn1 and attn2 q/k/v/out, the B factor Bayesian with prior N(0, 0.01^2)", bayes="B"),
-    "bayes-lora": Preset(
-        "bayes-lora", tuple(f"attn{i}.{p}" for i in (1, 2) for p in _ATTN_PROJECTIONS), "lora", (nn.Linear,),
-        "BLoB-style LoRA on attn1 and attn2 q/k/v/out, the A factor Bayesian", bayes="A"),
     "all": Preset("all", ("*",), "full", (nn.Linear, nn.Conv2d),
                   "every nn.Linear and nn.Conv2d of the model, full-rank posterior"),
+    "paper-lora": Preset(
+        "paper-lora", _LORA_PATTERNS, "lora", (nn.Linear, nn.Conv2d),
+        "the paper's LoRA set: LoRA (rank 4) on the q/k/v/out projections of every attention layer (UNet: attn1 "
+        "and attn2; SD3/Flux: both streams of the joint attention; Flux single blocks: q/k/v), the B factor "
+        "Bayesian (mean init 0) with prior N(0, 0.01^2), sigma direct 0.01", bayes="B"),
+    "bayes-lora": Preset(
+        "bayes-lora", _LORA_PATTERNS, "lora", (nn.Linear, nn.Conv2d),
+        "BLoB-style LoRA on the same projections as paper-lora, the A factor Bayesian (mean init kaiming-uniform) "
+        "with prior N(0, prior_sigma^2)", bayes="A"),
 }
 
-# (kind, layer type) -> factory(module, **options) -> BayesianModule.  A preset whose layers have no factory yet is
-# refused with a clear message; new layer kinds (BayesConv2d, BayesLoRALinear, ...) register here.  The options are
-# patch's keyword arguments: sigma_init, prior_sigma, sigma_param, estimator, rank, bayes, prior_dtype.
+# (kind, layer type) -> factory(module, **options) -> BayesianModule.  The options are patch's keyword arguments:
+# sigma_init, prior_sigma, sigma_param, estimator, prior_dtype (full-rank), rank, lora_alpha, bayes, lora_dtype
+# (LoRA).  A new layer kind registers here.
 
-def _make_bayes_linear(module: nn.Linear, *, sigma_init, prior_sigma, sigma_param, estimator, prior_dtype, **_):
-    return BayesLinear.from_linear(module, sigma_init=sigma_init, prior_sigma=prior_sigma, sigma_param=sigma_param,
-                                   estimator=estimator, prior_dtype=prior_dtype)
+def _make_full(layer_cls):
+    def make(module, *, sigma_init, prior_sigma, sigma_param, estimator, prior_dtype, **_):
+        return layer_cls._wrap(module, sigma_init=sigma_init, prior_sigma=prior_sigma, sigma_param=sigma_param,
+                               estimator=estimator, prior_dtype=prior_dtype)
+    return make
 
 
-_FACTORIES: dict = {("full", nn.Linear): _make_bayes_linear}
-_MISSING = {  # what a (kind, type) without a factory is waiting for, for the error message
-    ("full", nn.Conv2d): "BayesConv2d (on bnn_kernels.bayes_conv2d)",
-    ("lora", nn.Linear): "BayesLoRALinear (on bnn_kernels.bayes_lora_linear)",
-    ("lora", nn.Conv2d): "BayesLoRAConv2d (on bnn_kernels.bayes_lora_conv2d)",
+def _make_lora(layer_cls):
+    def make(module, *, sigma_init, prior_sigma, sigma_param, estimator, rank, lora_alpha, bayes, lora_dtype, **_):
+        return layer_cls._wrap(module, rank=rank, lora_alpha=lora_alpha, bayes=bayes, sigma_init=sigma_init,
+                               prior_sigma=prior_sigma, sigma_param=sigma_param, estimator=estimator,
+                               lora_dtype=lora_dtype)
+    return make
+
+
+_FACTORIES: dict = {
+    ("full", nn.Linear): _make_full(BayesLinear),
+    ("full", nn.Conv2d): _make_full(BayesConv2d),
+    ("lora", nn.Linear): _make_lora(BayesLoRALinear),
+    ("lora", nn.Conv2d): _make_lora(BayesLoRAConv2d),
 }
-
-
-def _supported(preset: Preset) -> list:
-    return [t for t in preset.layer_types if (preset.kind, t) in _FACTORIES]
 
 
 def _check_preset(preset) -> Preset:
@@ -109,13 +126,11 @@ def _check_preset(preset) -> Preset:
         spec = PRESETS[preset]
     else:
         raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
-    missing = [t for t in spec.layer_types if (spec.kind, t) not in _FACTORIES]
-    if missing:
-        needs = ", ".join(_MISSING.get((spec.kind, t), f"a {spec.kind} Bayesian {t.__name__}") for t in missing)
-        usable = sorted(name for name, p in PRESETS.items() if not [t for t in p.layer_types
-                                                                    if (p.kind, t) not in _FACTORIES])
-        raise ValueError(f"preset {spec.name!r} is not supported yet: it needs {needs}, which this version of "
-                         f"bnn_diffusion does not provide; supported presets: {usable}")
+    missing = [t.__name__ for t in spec.layer_types if (spec.kind, t) not in _FACTORIES]
+    if missing or not spec.layer_types:
+        kinds = sorted({(kind, t.__name__) for kind, t in _FACTORIES})
+        raise ValueError(f"preset {spec.name!r} asks for kind {spec.kind!r} on layer types {missing or '()'}; "
+                         f"bnn_diffusion has Bayesian layers for (kind, type) {kinds}")
     return spec
 
 
@@ -226,18 +241,21 @@ def _bayesian_sites(model: nn.Module) -> list:
 
 def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, targets: Optional[Sequence[str]] = None,
           sigma_init: float = 0.01, prior_sigma: float = 0.01, sigma_param: str = "direct",
-          estimator: str = "reparam", rank: int = 4, bayes: str = "B", prior_dtype: Optional[torch.dtype] = None,
-          freeze_others: bool = True) -> list:
+          estimator: str = "reparam", rank: int = 4, bayes: Optional[str] = None,
+          lora_alpha: Optional[float] = None, prior_dtype: Optional[torch.dtype] = None,
+          lora_dtype: Optional[torch.dtype] = None, freeze_others: bool = True) -> list:
     """Replace the target layers of ``model`` by Bayesian ones, in place; returns their qualified names.
 
-    ``preset``: a name of ``PRESETS`` ("paper-dreambooth", "all-linear"; "paper-lora", "bayes-lora" and "all" are
-    refused until their kernels exist) or a ``Preset``.  ``targets``: name patterns that replace the preset's (see
+    ``preset``: a name of ``PRESETS`` or a ``Preset``.  ``targets``: name patterns that replace the preset's (see
     the module docstring for the syntax); the preset still decides the layer kind and types.
     ``sigma_init`` / ``prior_sigma`` / ``sigma_param`` / ``estimator``: the posterior and prior of every patched
-    layer.  ``rank`` / ``bayes``: the LoRA presets' rank and Bayesian factor ("A" or "B").  ``prior_dtype``: store
-    the prior means in this dtype (e.g. ``torch.bfloat16``) instead of sharing the pretrained weights' storage.
-    ``freeze_others``: set ``requires_grad=False`` on every parameter that is not part of a Bayesian module
-    (``unpatch`` turns them back on).  Layers that are already Bayesian are left as they are.
+    layer.  Full-rank presets: ``prior_dtype`` stores the prior means in this dtype (e.g. ``torch.bfloat16``)
+    instead of sharing the pretrained weights' storage.  LoRA presets: ``rank``; ``lora_alpha`` (scale =
+    lora_alpha / rank; default rank, scale 1); ``bayes`` the Bayesian factor, "A" or "B" (default: the preset's,
+    "B" for "paper-lora", "A" for "bayes-lora"); ``lora_dtype`` the factors' dtype (default: the base weight's).
+    ``freeze_others``: set ``requires_grad=False`` on every parameter that is not trained by a Bayesian module
+    (``unpatch`` turns them back on); the frozen base of a LoRA layer is frozen regardless.  Layers that are already
+    Bayesian are left as they are.
 
     The returned names are where the Bayesian modules now sit (``model.get_submodule(name)``): for a layer wrapped
     by PEFT that is ``<wrapper>.base_layer``.
@@ -245,18 +263,22 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = _check_preset(preset)
-    options = dict(sigma_init=check_positive_float("sigma_init", sigma_init),
-                   prior_sigma=check_positive_float("prior_sigma", prior_sigma), sigma_param=sigma_param,
-                   estimator=estimator, rank=rank, bayes=spec.bayes or bayes, prior_dtype=prior_dtype)
-    check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
-    check_choice("estimator", estimator, ESTIMATORS)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    check_choice("bayes", bayes, ("A", "B"))
-    if prior_dtype is not None and not (isinstance(prior_dtype, torch.dtype) and prior_dtype.is_floating_point):
-        raise TypeError(f"prior_dtype must be a floating torch.dtype or None, got {prior_dtype!r}")
+    if bayes is not None:
+        check_choice("bayes", bayes, LORA_FACTORS)
+    options = dict(sigma_init=check_positive_float("sigma_init", sigma_init),
+                   prior_sigma=check_positive_float("prior_sigma", prior_sigma), sigma_param=sigma_param,
+                   estimator=estimator, rank=rank, bayes=bayes or spec.bayes or "B", prior_dtype=prior_dtype,
+                   lora_alpha=None if lora_alpha is None else check_positive_float("lora_alpha", lora_alpha),
+                   lora_dtype=lora_dtype)
+    check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
+    check_choice("estimator", estimator, ESTIMATORS)
+    for name, dtype in (("prior_dtype", prior_dtype), ("lora_dtype", lora_dtype)):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{name} must be a floating torch.dtype or None, got {dtype!r}")
     patterns = _patterns(targets) if targets is not None else [_Pattern(p) for p in spec.patterns]
-    layer_types = tuple(_supported(spec))
+    layer_types = spec.layer_types
 
     chosen, hits = [], {p.text: 0 for p in patterns}
     near = {p.text: [] for p in patterns}  # matched names that are not patchable, for the error message
@@ -283,16 +305,23 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
         wanted = " or ".join(t.__name__ for t in layer_types)
         raise ValueError(f"{what} matched no {wanted} module of {type(model).__name__}{hint}")
 
+    # build every Bayesian layer first (this reads the model and may still refuse a layer), then swap them in
     factory = {t: _FACTORIES[(spec.kind, t)] for t in layer_types}
-    replaced, made = [], {}
+    made = {}
     for site in chosen:
         module = site.module
-        layer = made.get(id(module))
-        if layer is None:  # a module shared by several parents becomes one shared Bayesian module
+        if id(module) not in made:  # a module shared by several parents becomes one shared Bayesian module
             make = next(f for t, f in factory.items() if isinstance(module, t))
-            layer = make(module, **options)
-            layer.keep_original(module)
-            made[id(module)] = layer
+            try:
+                made[id(module)] = make(module, **options)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"cannot patch {site.name}: {error}") from None
+    replaced, kept = [], set()
+    for site in chosen:
+        layer = made[id(site.module)]
+        if id(layer) not in kept:
+            layer.keep_original(site.module)
+            kept.add(id(layer))
         setattr(site.parent, site.attr, layer)
         replaced.append(site.name)
 

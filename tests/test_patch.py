@@ -1,7 +1,8 @@
-"""bnn_diffusion.patch / kl_loss / merge / unpatch and BayesLinear, on tiny diffusers models built from configs.
+"""bnn_diffusion.patch / kl_loss / merge / unpatch with every preset, on tiny diffusers models built from configs.
 
 The models (UNet2DConditionModel, DiT, SD3 and Flux transformers) are a few hundred thousand parameters at most, so
-every test runs in seconds on CPU whatever backend bnn_kernels picks for CPU tensors.
+every test runs in seconds on CPU whatever backend bnn_kernels picks for CPU tensors.  Layer-level tests of the conv
+and LoRA layers are in test_layers.py, save_lora in test_export.py.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 import bnn_diffusion as bd
 import bnn_kernels as bk
-from bnn_diffusion import BayesLinear
+from bnn_diffusion import BayesConv2d, BayesLinear, BayesLoRAConv2d, BayesLoRALinear
 
 from tiny_models import MODELS, assert_same, build, run
 
@@ -33,10 +34,42 @@ EXPECTED_DREAMBOOTH = {  # (regex a name must fullmatch after its prefix, how ma
     "sd3": (_JOINT, 2 * 6),
     "flux": (f"({_JOINT}|{_SINGLE})", 6 + 5),
 }
+# The LoRA presets: every attention projection (UNet / DiT: attn1 and attn2; SD3 / Flux: both streams of the joint
+# attention; Flux single blocks: q/k/v).  SD3's last block is context_pre_only: no to_add_out there.
+_UNET_ATTN = r"(down_blocks\.0|up_blocks\.1|mid_block)\.attentions\.\d\.transformer_blocks\.\d+\.attn[12]\."
+_JOINT_ATTN = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+EXPECTED_LORA = {
+    "unet": (_UNET_ATTN + r"(to_q|to_k|to_v|to_out\.0)", 4 * 8),
+    "dit": (r"transformer_blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)", 2 * 4),
+    "sd3": (_JOINT_ATTN, 8 + 7),
+    "flux": (rf"({_JOINT_ATTN}|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))", 8 + 3),
+}
+LORA_PRESETS = ("paper-lora", "bayes-lora")
+# (model, preset) pairs for the tests that run the model in train mode: every model with the paper's DreamBooth set,
+# and the other presets on a few (the UNet under "all" has ~60 convs: seconds per step on two cores).
+SAMPLING_CASES = ([(kind, "paper-dreambooth") for kind in MODELS]
+                  + [("dit", "paper-lora"), ("flux", "bayes-lora"), ("dit", "all")])
+TRAINING_CASES = SAMPLING_CASES + [("unet", "paper-lora"), ("sd3", "paper-lora"), ("dit", "bayes-lora"), ("sd3", "all")]
+
+
+def patch_mixed(model):
+    """Every kind of Bayesian layer in one DiT: a LoRA conv (the patch embedding), LoRA linears with B and with A
+    Bayesian, full-rank linears."""
+    return (bd.patch(model, "paper-lora", targets=["pos_embed.proj", "attn1.to_q", "attn1.to_k"], rank=2)
+            + bd.patch(model, "bayes-lora", targets=["attn1.to_v"], lora_alpha=8)
+            + bd.patch(model, "paper-dreambooth", targets=["ff.net.2", "proj_out_2"]))
 
 
 def linear_names(model):
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def layer_names(model):
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+
+
+def is_lora(module):
+    return isinstance(module, (BayesLoRALinear, BayesLoRAConv2d))
 
 
 def param_buffer_bytes(model):
@@ -49,19 +82,20 @@ def perturb_posterior(model, seed=3):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, module in bd.bayesian_modules(model):
-            module.weight_mu.add_(0.05 * torch.randn(module.weight_mu.shape, generator=gen))
-            module.weight_rho.mul_(torch.rand(module.weight_rho.shape, generator=gen) + 0.5)
-            if module.bias is not None:
-                module.bias.add_(0.05 * torch.randn(module.bias.shape, generator=gen))
+            trained = [module.lora_A, module.lora_B] if is_lora(module) else [module.weight_mu, module.bias]
+            for tensor in trained:
+                if tensor is not None:
+                    tensor.add_(0.05 * torch.randn(tensor.shape, generator=gen))
+            module.rho.mul_(torch.rand(module.rho.shape, generator=gen) + 0.5)
 
 
 def closed_form_kl(model):
     """Sum over Bayesian modules of log(sp/s) + (s^2 + (mu - mp)^2) / (2 sp^2) - 1/2, in float64."""
     total = 0.0
     for _, m in bd.bayesian_modules(model):
-        rho = m.weight_rho.detach().double()
+        rho = m.rho.detach().double()
         sigma = F.softplus(rho) if m.sigma_param == "softplus" else rho.clamp_min(1e-7)
-        diff = m.weight_mu.detach().double() - m.prior_mu.double()
+        diff = m.mu.detach().double() - (0 if m.prior_mu is None else m.prior_mu.double())
         sp = m.prior_sigma
         total += (math.log(sp) - torch.log(sigma) + (sigma**2 + diff**2) / (2 * sp**2) - 0.5).sum().item()
     return total
@@ -96,6 +130,59 @@ def test_all_linear_patches_every_linear(kind):
     assert torch.isfinite(run(model, inputs)).all()
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_all_patches_every_linear_and_conv(kind):
+    model, _ = build(kind)
+    before = {name: type(model.get_submodule(name)) for name in layer_names(model)}
+    names = bd.patch(model, "all")
+    assert names == list(before) and layer_names(model) == []
+    expected = {nn.Linear: BayesLinear, nn.Conv2d: BayesConv2d}
+    assert all(type(model.get_submodule(n)) is expected[before[n]] for n in names)
+    assert (kind == "flux") == (BayesConv2d not in {type(model.get_submodule(n)) for n in names})  # Flux: no conv
+
+
+@pytest.mark.parametrize("preset", LORA_PRESETS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_lora_presets_patch_exactly_the_expected_names(kind, preset):
+    model, _ = build(kind)
+    before = linear_names(model)
+    regex, count = EXPECTED_LORA[kind]
+    expected = [name for name in before if re.fullmatch(regex, name)]
+    names = bd.patch(model, preset)
+    assert names == expected and len(names) == count
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, BayesLoRALinear) and layer.rank == 4 and layer.scale == 1.0
+        assert layer.bayes == ("B" if preset == "paper-lora" else "A")
+        assert layer.mu is (layer.lora_B if preset == "paper-lora" else layer.lora_A)
+        assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))  # B mean starts at 0 in both presets
+        assert layer.sigma_param == "direct" and layer.prior_sigma == 0.01 and torch.all(layer.sigma == 0.01)
+    # explicit options override the preset's
+    model, _ = build(kind)
+    names = bd.patch(model, preset, rank=2, lora_alpha=8, bayes="A", sigma_param="softplus")
+    layer = model.get_submodule(names[0])
+    assert (layer.rank, layer.scale, layer.bayes, layer.lora_rho.shape) == (2, 4.0, "A", layer.lora_A.shape)
+
+
+def test_lora_preset_targets_reach_convs():
+    model, _ = build("unet")
+    names = bd.patch(model, "paper-lora", targets=["conv_in", "resnets.0.conv1", "attn1.to_q"], rank=3)
+    convs = [n for n in names if isinstance(model.get_submodule(n), BayesLoRAConv2d)]
+    # conv_in + resnets.0.conv1 of the 2 down blocks, the mid block and the 2 up blocks
+    assert convs[0] == "conv_in" and len(convs) == 1 + 5
+    layer = model.get_submodule("conv_in")
+    assert layer.lora_A.shape == (3, 4, 3, 3) and layer.lora_B.shape == (32, 3, 1, 1)
+
+
+def test_presets_combine_in_one_model():
+    model, inputs = build("dit")
+    names = patch_mixed(model)
+    kinds = {(type(model.get_submodule(n)).__name__, getattr(model.get_submodule(n), "bayes", None)) for n in names}
+    assert kinds == {("BayesLoRAConv2d", "B"), ("BayesLoRALinear", "B"), ("BayesLoRALinear", "A"),
+                     ("BayesLinear", None)}
+    assert model.get_submodule("transformer_blocks.0.attn1.to_v").scale == 2.0
+
+
 def test_targets_override_the_preset_glob_and_regex():
     model, _ = build("unet")
     names = bd.patch(model, targets=["attn2.to_k", "re:attn[12]\\.to_v"])
@@ -123,20 +210,22 @@ def test_patching_more_layers_later_keeps_the_first_ones():
 # forward semantics
 # --------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("preset", ["all-linear", "all", *LORA_PRESETS])
 @pytest.mark.parametrize("kind", MODELS)
-def test_eval_output_equals_unpatched_model_at_init(kind):
+def test_eval_output_equals_unpatched_model_at_init(kind, preset):
     model, inputs = build(kind)
     reference = copy.deepcopy(model).eval()
-    bd.patch(model, "all-linear")
+    bd.patch(model, preset)
     model.eval()
     with torch.no_grad():
         assert_same(run(model, inputs), run(reference, inputs))
 
 
-@pytest.mark.parametrize("kind", MODELS)
-def test_train_forward_samples_and_is_reproducible_under_manual_seed(kind):
+@pytest.mark.parametrize("kind, preset", SAMPLING_CASES)
+def test_train_forward_samples_and_is_reproducible_under_manual_seed(kind, preset):
     model, inputs = build(kind)
-    bd.patch(model, "paper-dreambooth", sigma_init=0.05)
+    bd.patch(model, preset, sigma_init=0.05)
+    perturb_posterior(model)  # B != 0, so that noise on A (bayes-lora) reaches the output
     model.eval()
     with torch.no_grad():
         mean = run(model, inputs)
@@ -206,11 +295,11 @@ def test_extra_repr_shows_shapes_sigma_and_options():
 # KL
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("kind, preset", SAMPLING_CASES)
 @pytest.mark.parametrize("sigma_param", ["direct", "softplus"])
-def test_kl_loss_equals_the_closed_form_sum(kind, sigma_param):
+def test_kl_loss_equals_the_closed_form_sum(kind, preset, sigma_param):
     model, inputs = build(kind)
-    bd.patch(model, "paper-dreambooth", sigma_param=sigma_param, prior_sigma=0.02)
+    bd.patch(model, preset, sigma_param=sigma_param, prior_sigma=0.02)
     perturb_posterior(model)
     expected = closed_form_kl(model)
     # no forward yet: computed directly
@@ -229,18 +318,20 @@ def test_kl_loss_equals_the_closed_form_sum(kind, sigma_param):
     assert bd.kl_loss(model).item() == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("kind, preset", [("unet", "paper-dreambooth"), ("dit", "paper-lora"), ("dit", "all")])
 @pytest.mark.parametrize("sigma_param", ["direct", "softplus"])
-def test_kl_is_zero_at_init_when_the_posterior_is_the_prior(sigma_param):
-    # mu = prior mean and sigma = prior sigma: log(sp/s) + s^2/(2 sp^2) - 1/2 = 0 + 1/2 - 1/2 per element
-    model, inputs = build("unet")
-    bd.patch(model, "paper-dreambooth", sigma_init=0.01, prior_sigma=0.01, sigma_param=sigma_param)
-    numel = sum(m.weight_mu.numel() for _, m in bd.bayesian_modules(model))
+def test_kl_is_zero_at_init_when_the_posterior_is_the_prior(kind, preset, sigma_param):
+    # mu = prior mean and sigma = prior sigma: log(sp/s) + s^2/(2 sp^2) - 1/2 = 0 + 1/2 - 1/2 per element (the
+    # paper's LoRA: B = 0 = its prior mean)
+    model, inputs = build(kind)
+    bd.patch(model, preset, sigma_init=0.01, prior_sigma=0.01, sigma_param=sigma_param)
+    numel = sum(m.mu.numel() for _, m in bd.bayesian_modules(model))
     model.train()
     run(model, inputs)
     assert abs(bd.kl_loss(model).item()) < 1e-6 * numel
     # sigma = 2 prior sigma: log(1/2) + 4/2 - 1/2 per element
-    model, _ = build("unet")
-    bd.patch(model, "paper-dreambooth", sigma_init=0.02, prior_sigma=0.01, sigma_param=sigma_param)
+    model, _ = build(kind)
+    bd.patch(model, preset, sigma_init=0.02, prior_sigma=0.01, sigma_param=sigma_param)
     assert bd.kl_loss(model).item() == pytest.approx(numel * (math.log(0.5) + 1.5), rel=1e-4)
 
 
@@ -248,31 +339,45 @@ def test_kl_is_zero_at_init_when_the_posterior_is_the_prior(sigma_param):
 # gradients and freezing
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", MODELS)
-def test_gradients_reach_mu_rho_bias_and_nothing_frozen(kind):
+@pytest.mark.parametrize("kind, preset", TRAINING_CASES)
+def test_gradients_reach_mu_rho_bias_and_nothing_frozen(kind, preset):
     model, inputs = build(kind)
-    bd.patch(model, "paper-dreambooth")
+    bd.patch(model, preset)
+    perturb_posterior(model)  # B != 0: at B = 0 the gradient of A (and of its rho, bayes-lora) is exactly 0
     model.train()
     loss = run(model, inputs).square().mean() + 1e-3 * bd.kl_loss(model)
     loss.backward()
-    bayes_params = set()
+    trained = set()
     for name, module in bd.bayesian_modules(model):
+        expected = {"lora_A", "lora_B", "lora_rho"} if is_lora(module) else {"weight_mu", "weight_rho", "bias"}
         for pname, param in module.named_parameters():
-            bayes_params.add(id(param))
+            if pname not in expected:  # the frozen base of a LoRA layer
+                assert is_lora(module) and not param.requires_grad and param.grad is None, f"{name}.{pname}"
+                continue
+            trained.add(id(param))
             assert param.requires_grad and param.grad is not None, f"{name}.{pname}"
-            assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, f"{name}.{pname}"
-    others = [(n, p) for n, p in model.named_parameters() if id(p) not in bayes_params]
-    assert others
+            assert torch.isfinite(param.grad).all(), f"{name}.{pname}"
+            # SD3's last block is context_pre_only: it drops its text-stream output, so the text queries get only
+            # the KL's gradient (none for the deterministic factor)
+            if not (kind == "sd3" and name == "transformer_blocks.1.attn.add_q_proj"):
+                assert param.grad.abs().sum() > 0, f"{name}.{pname}"
+    others = [(n, p) for n, p in model.named_parameters() if id(p) not in trained]
+    assert others or preset == "all"  # SD3's norms have no affine parameters: "all" leaves nothing else
     for name, param in others:
         assert not param.requires_grad and param.grad is None, name
     # prior means are buffers, never trained
-    assert all(not m.prior_mu.requires_grad for _, m in bd.bayesian_modules(model))
+    assert all(m.prior_mu is None or not m.prior_mu.requires_grad for _, m in bd.bayesian_modules(model))
 
 
 def test_freeze_others_false_leaves_other_parameters_trainable():
     model, _ = build("unet")
     bd.patch(model, "paper-dreambooth", freeze_others=False)
     assert all(p.requires_grad for p in model.parameters())
+    # the base of a LoRA layer stays frozen whatever freeze_others says
+    model, _ = build("unet")
+    names = bd.patch(model, "paper-lora", freeze_others=False)
+    base = {f"{n}.{p}" for n in names for p in ("weight", "bias")} & set(dict(model.named_parameters()))
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == base
 
 
 def test_gradient_checkpointing_recomputes_the_same_noise():
@@ -295,37 +400,51 @@ def test_gradient_checkpointing_recomputes_the_same_noise():
 # merge, unpatch, state dicts
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", MODELS)
-def test_merge_gives_a_plain_model_with_the_posterior_means(kind):
+MERGE_CASES = ([(kind, preset) for preset in ("paper-dreambooth", "paper-lora") for kind in MODELS]
+               + [("dit", "bayes-lora"), ("unet", "all"), ("dit", "all")])
+
+
+@pytest.mark.parametrize("kind, preset", MERGE_CASES)
+def test_merge_gives_a_plain_model_with_the_posterior_means(kind, preset):
     model, inputs = build(kind)
     pristine = copy.deepcopy(model)
     n_params = sum(p.numel() for p in model.parameters())
     keys = set(model.state_dict())
-    names = bd.patch(model, "paper-dreambooth")
+    types = {name: type(module) for name, module in model.named_modules()}
+    names = bd.patch(model, preset)
     perturb_posterior(model)
     model.eval()
     with torch.no_grad():
         expected = run(model, inputs)
     assert bd.merge(model) == names
     assert not bd.bayesian_modules(model)
-    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert all(type(model.get_submodule(n)) is types[n] for n in names)
     assert sum(p.numel() for p in model.parameters()) == n_params and set(model.state_dict()) == keys
     with torch.no_grad():
-        assert torch.equal(run(model, inputs), expected)
+        merged = run(model, inputs)
+        if preset in LORA_PRESETS:  # W + scale * B @ A folded into one weight: equal up to rounding
+            assert_same(merged, expected)
+        else:  # the same mean tensors run through the same ops
+            assert torch.equal(merged, expected)
         # an unpatched model loaded with the merged weights gives the same outputs
         pristine.load_state_dict(model.state_dict())
         assert_same(run(pristine.eval(), inputs), expected)
 
 
-@pytest.mark.parametrize("kind", MODELS)
-def test_unpatch_restores_the_original_modules_and_weights(kind):
+UNPATCH_CASES = ([(kind, "all-linear") for kind in MODELS]
+                 + [("unet", "paper-lora"), ("flux", "bayes-lora"), ("dit", "all"), ("sd3", "all")])
+
+
+@pytest.mark.parametrize("kind, preset", UNPATCH_CASES)
+def test_unpatch_restores_the_original_modules_and_weights(kind, preset):
     model, inputs = build(kind)
     reference = copy.deepcopy(model).eval()
-    originals = {name: model.get_submodule(name) for name in linear_names(model)}
+    originals = {name: model.get_submodule(name) for name in layer_names(model)}
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    names = bd.patch(model, "all-linear")
-    # a few training steps change mu and bias
+    names = bd.patch(model, preset)
+    # a few training steps change mu and bias (LoRA: the factors)
+    perturb_posterior(model)
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(2):
@@ -358,18 +477,26 @@ def test_unpatch_with_a_bfloat16_prior_restores_the_rounded_weights():
             assert torch.equal(value, state[key]), key
 
 
-@pytest.mark.parametrize("kind", ["unet", "flux"])
-def test_state_dict_of_a_patched_model_loads_into_a_freshly_patched_one(kind):
+STATE_KEYS = {BayesLinear: ("weight_mu", "weight_rho", "bias", "prior_mu", "prior_bias"),
+              BayesConv2d: ("weight_mu", "weight_rho", "bias", "prior_mu", "prior_bias"),
+              BayesLoRALinear: ("weight", "bias", "lora_A", "lora_B", "lora_rho"),
+              BayesLoRAConv2d: ("weight", "bias", "lora_A", "lora_B", "lora_rho")}
+
+
+@pytest.mark.parametrize("kind, preset, targets", [
+    ("unet", "paper-dreambooth", None), ("flux", "paper-dreambooth", None), ("dit", "all", None),
+    ("unet", "paper-lora", ["attn1.to_q", "attn2.to_out.0", "conv_in", "conv_out"]), ("sd3", "bayes-lora", None)])
+def test_state_dict_of_a_patched_model_loads_into_a_freshly_patched_one(kind, preset, targets):
     model, inputs = build(kind)
-    names = bd.patch(model, "paper-dreambooth", sigma_param="softplus")
+    names = bd.patch(model, preset, targets=targets, sigma_param="softplus")
     perturb_posterior(model)
     state = model.state_dict()
-    layer = model.get_submodule(names[-1])
-    assert {k for k in state if k.startswith(names[-1] + ".")} == {
-        f"{names[-1]}.{key}" for key in ("weight_mu", "weight_rho", "bias", "prior_mu", "prior_bias")
-        if key in ("weight_mu", "weight_rho", "prior_mu") or layer.bias is not None}
+    for name in names:  # the documented keys, nothing else
+        layer = model.get_submodule(name)
+        assert {k for k in state if k.startswith(name + ".")} == {
+            f"{name}.{key}" for key in STATE_KEYS[type(layer)] if "bias" not in key or layer.bias is not None}
     fresh, _ = build(kind)
-    bd.patch(fresh, "paper-dreambooth", sigma_param="softplus")
+    bd.patch(fresh, preset, targets=targets, sigma_param="softplus")
     fresh.load_state_dict(state, strict=True)
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, state[key]), key
@@ -404,13 +531,15 @@ def test_deepcopy_and_pickle_after_a_train_forward():
 # training under autocast; estimator; memory
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
-def test_training_steps_under_bfloat16_autocast(estimator):
-    model, inputs = build("unet")
-    bd.patch(model, "paper-dreambooth", sigma_param="softplus", estimator=estimator)
+@pytest.mark.parametrize("kind, preset, estimator", [
+    ("unet", "paper-dreambooth", "reparam"), ("unet", "paper-dreambooth", "lrt"), ("dit", "paper-lora", "reparam"),
+    ("flux", "bayes-lora", "lrt"), ("dit", "all", "lrt")])
+def test_training_steps_under_bfloat16_autocast(kind, preset, estimator):
+    model, inputs = build(kind)
+    bd.patch(model, preset, sigma_param="softplus", estimator=estimator)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    target = torch.randn_like(inputs["sample"])
+    target = torch.randn_like(run(model.eval(), inputs))
     model.train()
     for _ in range(3):
         opt.zero_grad()
@@ -421,14 +550,15 @@ def test_training_steps_under_bfloat16_autocast(estimator):
         loss.backward()
         opt.step()
     layers = [m for _, m in bd.bayesian_modules(model)]
-    assert all(m.weight_mu.dtype == torch.float32 and m.weight_mu.grad.dtype == torch.float32 for m in layers)
+    assert all(m.mu.dtype == torch.float32 and m.mu.grad.dtype == torch.float32 for m in layers)
     for name, param in model.named_parameters():
         if name in start:
             assert not torch.equal(param, start[name]), name
     assert torch.isfinite(bd.kl_loss(model))
 
 
-def test_compiled_training_steps_match_eager():
+@pytest.mark.parametrize("preset", ["paper-dreambooth", "mixed"])
+def test_compiled_training_steps_match_eager(preset):
     # aot_eager traces the layers through dynamo and AOT autograd without a C++ compile step; inductor would
     # replace torch.randint by its own RNG (reproducible under manual_seed, but other seeds than eager).
     torch._dynamo.reset()
@@ -445,7 +575,11 @@ def test_compiled_training_steps_match_eager():
     losses = []
     for compiled in (False, True):
         model, inputs = build("dit")
-        bd.patch(model, "paper-dreambooth", sigma_init=0.05)
+        if preset == "mixed":
+            patch_mixed(model)
+        else:
+            bd.patch(model, preset, sigma_init=0.05)
+        perturb_posterior(model)
         model.train()
         forward = torch.compile(model, backend="aot_eager") if compiled else model
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -465,13 +599,18 @@ CPU_BACKENDS = [b for b in bk.backends()
                 if b in ("cpu", "reference") or (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
 
 
+@pytest.mark.parametrize("preset", ["paper-dreambooth", "mixed"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_the_kernel_backend_does_not_change_a_training_step(backend):
+def test_the_kernel_backend_does_not_change_a_training_step(backend, preset):
     # the integration only calls bnn_kernels' public API: every backend gives the same step (same noise stream)
     results = []
     for name in ("reference", backend):
         model, inputs = build("dit")
-        bd.patch(model, "paper-dreambooth", sigma_init=0.05, sigma_param="softplus")
+        if preset == "mixed":
+            patch_mixed(model)
+        else:
+            bd.patch(model, preset, sigma_init=0.05, sigma_param="softplus")
+        perturb_posterior(model)
         model.train()
         with bk.use_backend(name):
             torch.manual_seed(4)
@@ -503,24 +642,30 @@ def test_layer_autograd_keeps_no_weight_sized_tensor_of_its_own():
     assert layer.weight_rho.grad is not None and x.grad is not None
 
 
-@pytest.mark.parametrize("prior_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["unet", "sd3"])
-def test_patching_adds_only_sigma_and_the_prior_means(kind, prior_dtype):
+@pytest.mark.parametrize("kind, preset, prior_dtype", [
+    ("unet", "paper-dreambooth", None), ("unet", "paper-dreambooth", torch.bfloat16), ("sd3", "paper-dreambooth", None),
+    ("sd3", "paper-dreambooth", torch.bfloat16), ("unet", "all", None), ("unet", "all", torch.bfloat16),
+    ("unet", "paper-lora", None), ("sd3", "bayes-lora", None)])
+def test_patching_adds_only_sigma_and_the_prior_means(kind, preset, prior_dtype):
     model, _ = build(kind)
     before = param_buffer_bytes(model)
     weights = {n: (model.get_submodule(n).weight.data_ptr(), model.get_submodule(n).weight.nbytes)
-               for n in linear_names(model)}
-    names = bd.patch(model, "paper-dreambooth", prior_dtype=prior_dtype)
+               for n in layer_names(model)}
+    names = bd.patch(model, preset, prior_dtype=prior_dtype)
     added = 0
     for name in names:
         layer = model.get_submodule(name)
-        added += layer.weight_rho.nbytes + layer.prior_mu.nbytes
-        added += 0 if layer.prior_bias is None else layer.prior_bias.nbytes
-        if prior_dtype is None:  # the prior IS the pretrained weight: shared, not copied
-            assert layer.prior_mu.data_ptr() == weights[name][0]
-            assert layer.weight_rho.nbytes + layer.prior_mu.nbytes == 2 * weights[name][1]
+        if is_lora(layer):  # the base IS the pretrained weight; the factors and sigma are new, the prior mean is 0
+            added += layer.lora_A.nbytes + layer.lora_B.nbytes + layer.lora_rho.nbytes
+            assert layer.weight.data_ptr() == weights[name][0] and layer.prior_mu is None
         else:
-            assert layer.prior_mu.nbytes * 2 == weights[name][1]
+            added += layer.weight_rho.nbytes + layer.prior_mu.nbytes
+            added += 0 if layer.prior_bias is None else layer.prior_bias.nbytes
+            if prior_dtype is None:  # the prior IS the pretrained weight: shared, not copied
+                assert layer.prior_mu.data_ptr() == weights[name][0]
+                assert layer.weight_rho.nbytes + layer.prior_mu.nbytes == 2 * weights[name][1]
+            else:
+                assert layer.prior_mu.nbytes * 2 == weights[name][1]
         # the module kept for unpatch holds no memory
         kept = layer.__dict__["_original"]
         assert all(t.device.type == "meta" for t in kept.parameters())
@@ -595,9 +740,8 @@ def test_real_peft_adapter_is_looked_through():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(preset="paper"), ValueError, "unknown preset"),
-    (dict(preset="paper-lora"), ValueError, "not supported yet.*BayesLoRALinear"),
-    (dict(preset="bayes-lora"), ValueError, "not supported yet"),
-    (dict(preset="all"), ValueError, "not supported yet.*BayesConv2d"),
+    (dict(preset=bd.Preset("mine", ("*",), "full", (nn.Conv1d,), "")), ValueError, "kind 'full'.*Conv1d"),
+    (dict(preset=bd.Preset("mine", ("*",), "sparse", (nn.Linear,), "")), ValueError, "kind 'sparse'"),
     (dict(targets=["attn1.to_q", "atn1.to_k"]), ValueError, r"\['atn1.to_k'\] matched no Linear"),
     (dict(targets=["conv_in"]), ValueError, "cannot be patched.*conv_in \\(Conv2d\\)"),
     (dict(targets=[]), ValueError, "at least one"),
@@ -610,7 +754,9 @@ def test_real_peft_adapter_is_looked_through():
     (dict(prior_sigma="0.01"), TypeError, "prior_sigma"),
     (dict(rank=0), ValueError, "rank"),
     (dict(bayes="C"), ValueError, "bayes"),
+    (dict(preset="paper-lora", lora_alpha=0.0), ValueError, "lora_alpha"),
     (dict(prior_dtype=torch.int8), TypeError, "prior_dtype"),
+    (dict(preset="paper-lora", lora_dtype="float32"), TypeError, "lora_dtype"),
 ])
 def test_bad_arguments_raise_before_touching_the_model(kwargs, error, match):
     model, _ = build("unet")
@@ -635,6 +781,15 @@ def test_other_errors():
         BayesLinear.from_linear(nn.Conv2d(2, 2, 1))
     with pytest.raises(ValueError, match="meta"):
         BayesLinear.from_linear(nn.Linear(2, 2, device="meta"))
+    # a layer a preset cannot turn Bayesian is refused before any layer is replaced: nothing changes
+    convs = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="cannot patch 1: .*groups=1"):
+        bd.patch(convs, "paper-lora", targets=["*"])
+    assert type(convs[0]) is nn.Conv2d and convs[0].weight.requires_grad and convs[0].weight.device.type == "cpu"
+    reflect = nn.Sequential(nn.Linear(2, 2), nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="cannot patch 1: .*padding_mode='reflect'"):
+        bd.patch(reflect, "all")
+    assert type(reflect[0]) is nn.Linear
 
 
 def test_bnn_diffusion_never_imports_triton():
