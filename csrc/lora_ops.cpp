@@ -179,6 +179,12 @@ void for_weight_blocks(const LoRAProblem& p, const Fn& fn) {
   }
 }
 
+// Both tensors of a vector-Jacobian product multiplied by scale, in place.
+std::array<at::Tensor, 2> scaled(std::array<at::Tensor, 2> grads, double scale) {
+  for (auto& grad : grads) grad.mul_(scale);
+  return grads;
+}
+
 template <typename T>
 T* data(const at::Tensor& t) {
   return t.data_ptr<T>();
@@ -270,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(const LoRAMa
   const PriorTerms prior(prior_sigma, grad_kl);
   const FactorPosterior<T> post(p);
   const at::Tensor x = as_type(p.x, p.compute);
+  // g reaches the low-rank output scaled: the scale is applied to the rank-sized products of g, not to g
   const at::Tensor g = as_type(grad_y, p.compute);
-  const at::Tensor g_lora = (g * p.scale).contiguous();  // the gradient reaching the low-rank output
   const at::Tensor h = as_type(h_in, p.compute);
   at::Tensor dmean = at::empty_like(post.mean);
   at::Tensor drho = at::empty_like(post.mean);
@@ -280,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(const LoRAMa
     at::Tensor eps = at::empty(post.mean.sizes(), post.mean.options().dtype(at::kFloat));
     at::Tensor a = p.a, b = p.b;
     (p.bayes_a ? a : b) = factor_sample<T>(p, post, prior, nullptr, eps);
-    auto up_grads = maps.up_vjp(g_lora, p.operand(h), p.operand(b));                      // dh, G_B
+    auto up_grads = scaled(maps.up_vjp(g, p.operand(h), p.operand(b)), p.scale);        // dh, G_B
     auto down_grads = maps.down_vjp(p.operand(up_grads[0]), x, p.operand(a), need_dx);  // dx_lora, G_A
     dx_lora = down_grads[0];
     const at::Tensor grad_factor = as_type(p.bayes_a ? down_grads[1] : up_grads[1], p.compute);
@@ -293,8 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(const LoRAMa
     if (!p.bayes_a) {
       at::Tensor std = maps.up(h * h, s2).clamp_min_(0.0).sqrt_().contiguous();
       at::Tensor u = at::empty_like(std);
-      lrt_scaled_grad<T>(p.key, u.numel(), data<T>(g_lora), data<T>(std), data<T>(u));
-      auto mean_grads = maps.up_vjp(g_lora, p.operand(h), p.operand(p.b));
+      lrt_scaled_grad<T>(p.key, u.numel(), data<T>(g), data<T>(std), data<T>(u));
+      u.mul_(p.scale);
+      auto mean_grads = scaled(maps.up_vjp(g, p.operand(h), p.operand(p.b)), p.scale);
       auto var_grads = maps.up_vjp(u, h * h, s2);
       const at::Tensor dh = mean_grads[0] + 2.0 * h * var_grads[0];
       auto down_grads = maps.down_vjp(p.operand(dh), x, p.operand(p.a), need_dx);
@@ -303,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(const LoRAMa
       grad_mean = mean_grads[1];
       grad_var = var_grads[1];
     } else {
-      auto up_grads = maps.up_vjp(g_lora, p.operand(h), p.operand(p.b));  // dt, G_B
+      auto up_grads = scaled(maps.up_vjp(g, p.operand(h), p.operand(p.b)), p.scale);  // dt, G_B
       const at::Tensor dt = up_grads[0].contiguous();
       const at::Tensor std_t = as_type(aux_in, p.compute);
       at::Tensor u = at::empty_like(dt);
@@ -321,12 +328,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(const LoRAMa
                           data<T>(drho));
   }
   at::Tensor dx = at::empty({0}, p.x.options());
-  if (need_dx) {
-    at::Tensor sum = dx_lora.clone();
+  if (need_dx) {  // dx_lora is a new tensor of this call: the base's input gradient is added into it
     for_weight_blocks(p, [&](int64_t row, int64_t rows, const at::Tensor& w_rows) {
-      maps.add_base_input_grad(sum, g.narrow(1, row, rows), x, w_rows);
+      maps.add_base_input_grad(dx_lora, g.narrow(1, row, rows), x, w_rows);
     });
-    dx = sum.to(p.x_type);
+    dx = dx_lora.to(p.x_type);
   }
   const auto factor_type = p.a.scalar_type();
   at::Tensor d_factor = dmean.to(factor_type), d_other = grad_other.to(factor_type);
