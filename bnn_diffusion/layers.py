@@ -257,7 +257,7 @@ class _LinearGeometry:
     def _plain_layer(self, device, dtype, bias: bool) -> nn.Linear:
         return nn.Linear(self.in_features, self.out_features, bias, device=device, dtype=dtype)
 
-    def _apply(self, x, weight, bias):
+    def _plain_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
     def _geometry_repr(self) -> str:
@@ -293,7 +293,7 @@ class _Conv2dGeometry:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, bias, device=device, dtype=dtype)
 
-    def _apply(self, x, weight, bias):
+    def _plain_forward(self, x, weight, bias):
         return F.conv2d(x, weight, bias, groups=self.groups, **self._conv_options())
 
     def _geometry_repr(self) -> str:
@@ -386,7 +386,7 @@ class _FullRank(BayesianModule):
 
     def _mean_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return self._apply(x, self.weight_mu.to(x.dtype), bias)
+        return self._plain_forward(x, self.weight_mu.to(x.dtype), bias)
 
     def _plain_copy(self, copy: bool) -> nn.Module:
         mu = self.weight_mu.detach()
@@ -584,7 +584,7 @@ class _LoRA(BayesianModule):
 
     def _mean_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        base = self._apply(x, self.weight.to(x.dtype), bias)
+        base = self._plain_forward(x, self.weight.to(x.dtype), bias)
         return base + self.scale * self._lora_path(x, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype))
 
     def merged_weight(self) -> torch.Tensor:

@@ -328,3 +328,16 @@ def test_layers_compile_with_fullgraph_and_give_the_eager_result(make, x):
         torch.manual_seed(1)
         b = layer(x)
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_layers_move_and_cast_like_any_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1)),
+                          BayesLoRAConv2d.from_conv(nn.Conv2d(4, 4, 1)), nn.Flatten(),
+                          BayesLoRALinear.from_linear(nn.Linear(4 * 25, 6), bayes="A"))
+    model.to(torch.float64)
+    assert {t.dtype for t in [*model.parameters(), *model.buffers()]} == {torch.float64}
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert model(x).dtype == torch.float64 and model.eval()(x).dtype == torch.float64
+    model.half().float().to("cpu")
+    assert model[0].prior_mu.dtype == torch.float32 and model[3].lora_rho.dtype == torch.float32
