@@ -242,6 +242,33 @@ def test_prior_preservation_generates_class_images_and_accumulates(tiny_sd, tmp_
     assert record["epoch"] == pytest.approx(2 * 2 / 3)  # two batches of two over three images
 
 
+def test_batch_stream_is_a_function_of_position(tmp_path):
+    from bnn_diffusion import data
+
+    stream = data.BatchStream(length=5, batch_size=3, seed=7)
+    batches = [batch for batch, _ in zip(stream, range(10))]
+    indices = [index for batch in batches for index, _ in batch]
+    for start in range(0, 30, 5):  # every pass is a permutation of the items
+        assert sorted(indices[start:start + 5]) == list(range(5))
+    assert indices[:5] != indices[5:10] or indices[5:10] != indices[10:15]  # passes are reshuffled
+    resumed = data.BatchStream(length=5, batch_size=3, seed=7, start=4)
+    assert next(iter(resumed)) == batches[4]
+    ranks = [data.BatchStream(length=5, batch_size=3, seed=7, start=r, stride=2) for r in (0, 1)]
+    interleaved = [b for pair, _ in zip(zip(*(iter(r) for r in ranks)), range(5)) for b in pair]
+    assert interleaved == batches
+    assert [b for b, _ in zip(data.BatchStream(5, 3, seed=8), range(10))] != batches
+
+    from PIL import Image
+    wide = tmp_path / "wide.png"
+    Image.fromarray((torch.arange(24 * 40 * 3) % 251).to(torch.uint8).reshape(24, 40, 3).numpy()).save(wide)
+    crops = {tuple(data.load_image(wide, 16, center_crop=False, crop_seed=s).flatten()[:8].tolist()) for s in range(8)}
+    assert len(crops) > 1  # the random crop moves with the seed ...
+    again = data.load_image(wide, 16, center_crop=False, crop_seed=3)
+    torch.testing.assert_close(again, data.load_image(wide, 16, center_crop=False, crop_seed=3))  # ... and only
+    center = data.load_image(wide, 16)
+    assert center.shape == (3, 16, 16) and -1 <= center.min() and center.max() <= 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # errors and the command line
 # ----------------------------------------------------------------------------------------------------------------
