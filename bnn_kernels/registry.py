@@ -58,7 +58,9 @@ N(0, prior_sigma^2).  Precision: every map runs on operands rounded to x's dtype
 weight is converted tile by tile or block by block, never as a whole); the factor sample / sigma^2 is formed in
 float32; h is kept in float32 (float64 when x or the factors are float64: the "rank dtype") and rounded to x's
 dtype as the up map's operand; y is formed in float32 and rounded once.  The lrt variance maps may take bfloat16
-operands for 16-bit x (as linear's).  Noise, by estimator and factor (flat row-major / NCHW indices):
+operands for 16-bit x (as linear's).  (The triton conv runs the maps on cuDNN in x's dtype: their outputs, h
+included, are rounded to x's dtype before the float32 elementwise work.)
+Noise, by estimator and factor (flat row-major / NCHW indices):
     reparam:  eps = philox_normal(seed, F.numel()) viewed as F.shape; F_s = F + sigma * eps (the other factor as is)
               h = down(x; A_s);  y_lora = up(h; B_s)
     lrt "B":  h = down(x; A);  std = sqrt(up(h^2; sigma^2));  y_lora = up(h; B) + std * xi,  xi over y's shape

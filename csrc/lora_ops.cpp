@@ -96,7 +96,7 @@ class Conv2dMaps final : public LoRAMaps {
   }
   at::Tensor up(const at::Tensor& h, const at::Tensor& b) const override { return at::conv2d(h, b); }
   std::array<at::Tensor, 2> up_vjp(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& b) const override {
-    const at::Tensor b2 = b.reshape({b.size(0), b.size(1)});          // (N, r)
+    const at::Tensor b2 = b.reshape({b.size(0), b.size(1)});               // (N, r)
     const at::Tensor g3 = grad.reshape({grad.size(0), grad.size(1), -1});  // (batch, N, pixels)
     const at::Tensor h3 = h.reshape({h.size(0), h.size(1), -1});           // (batch, r, pixels)
     at::Tensor dh = at::matmul(b2.t(), g3).view(h.sizes());
@@ -286,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd(const LoRAMa
     at::Tensor eps = at::empty(post.mean.sizes(), post.mean.options().dtype(at::kFloat));
     at::Tensor a = p.a, b = p.b;
     (p.bayes_a ? a : b) = factor_sample<T>(p, post, prior, nullptr, eps);
-    auto up_grads = scaled(maps.up_vjp(g, p.operand(h), p.operand(b)), p.scale);        // dh, G_B
+    auto up_grads = scaled(maps.up_vjp(g, p.operand(h), p.operand(b)), p.scale);       // dh, G_B
     auto down_grads = maps.down_vjp(p.operand(up_grads[0]), x, p.operand(a), need_dx);  // dx_lora, G_A
     dx_lora = down_grads[0];
     const at::Tensor grad_factor = as_type(p.bayes_a ? down_grads[1] : up_grads[1], p.compute);
