@@ -36,6 +36,7 @@ $python -m pytest benchmarks -q --benchmark-only --benchmark-json="$out/microben
 
 echo "== ratios in one run"
 $python benchmarks/linear_ratios.py --json "$out/linear_ratios.json" || status=1
+$python benchmarks/conv_ratios.py --json "$out/conv_ratios.json" || status=1
 $python benchmarks/lora_ratios.py --json "$out/lora_ratios.json" || status=1
 
 echo "== end-to-end training step (SD 1.5 UNet, 64x64 latents)"

@@ -2,6 +2,7 @@
 
 ``paper_style_linear`` is how the method is usually written: sample eps with torch.randn_like, materialise
 W = mu + sigma * eps and let autograd keep both for backward; the KL is a separate pass over mu and sigma.
+``paper_style_conv`` is the same for the Bayesian conv2d (against F.conv2d).
 For the Bayesian LoRA op: ``peft_lora`` (PEFT's unfused LoRA: base linear plus two small linears) and
 ``paper_style_lora`` (the same with B = mu + sigma * randn_like(mu) materialised).
 """
@@ -86,10 +87,11 @@ def make_layer(m, n, k, dtype, device):
     return x, mu, rho, bias, prior_mu
 
 
-def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y):
-    """One training step of the layer: forward, backward through y and the KL; gradients are reset."""
+def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y, variants=VARIANTS):
+    """One training step of the layer ``variants[variant]``: forward, backward through y and the KL; gradients are
+    reset.  ``variants``: VARIANTS (linear) or CONV_VARIANTS."""
     with triton_reparam_variant(FORCED_TRITON_REPARAM.get(variant)):
-        y, kl = VARIANTS[variant](x, mu, rho, bias, prior_mu)
+        y, kl = variants[variant](x, mu, rho, bias, prior_mu)
         outputs, grads = [y], [grad_y]
         if kl is not None:
             outputs.append(kl)
@@ -99,10 +101,10 @@ def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y):
         tensor.grad = None
 
 
-def saved_bytes(variant, x, mu, rho, bias, prior_mu) -> int:
-    """Bytes of the tensors autograd saves for backward that are not inputs of the layer."""
+def saved_bytes(variant, x, mu, rho, bias, prior_mu, variants=VARIANTS) -> int:
+    """Bytes of the tensors autograd saves for backward that are not inputs of the layer ``variants[variant]``."""
     with triton_reparam_variant(FORCED_TRITON_REPARAM.get(variant)):
-        return bytes_saved_for_backward(lambda: VARIANTS[variant](x, mu, rho, bias, prior_mu),
+        return bytes_saved_for_backward(lambda: variants[variant](x, mu, rho, bias, prior_mu),
                                         (x, mu, rho, bias, prior_mu))
 
 
@@ -194,3 +196,56 @@ def lora_forward_backward(variant, layer, grad_y):
 def lora_saved_bytes(variant, layer) -> int:
     return bytes_saved_for_backward(lambda: LORA_VARIANTS[variant](*layer), layer)
 
+
+# --- Bayesian conv2d baselines -------------------------------------------------------------------------------------
+# The 3x3, stride 1, padding 1 conv of the SD 1.5 UNet's resnet blocks (C_in = C_out), x NCHW in the activation dtype,
+# float32 parameters (autocast-style mixed precision).  Same layer signature as the linear variants, so
+# forward_backward / saved_bytes serve both (variants=CONV_VARIANTS).
+
+SD15_CONV_SHAPES = {  # name: (batch, channels, height, width) of x; 64x64 latents at batch 2 in the first UNet stage
+    "64x64x320": (2, 320, 64, 64),
+    "32x32x640": (2, 640, 32, 32),
+    "16x16x1280": (2, 1280, 16, 16),
+}
+CPU_CONV_SHAPES = {
+    "cpu-2x64x32x32": (2, 64, 32, 32),
+    "cpu-2x128x16x16": (2, 128, 16, 16),
+}
+CONV_PADDING = 1
+
+
+def paper_style_conv(x, mu, rho, bias, prior_mu, prior_sigma=0.01):
+    """W = mu + sigma * randn_like(mu) materialised (autograd keeps eps and W), F.conv2d, the KL a separate pass."""
+    sigma = sigma_from_rho(rho, "softplus")
+    weight = mu + sigma * torch.randn_like(mu)
+    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=CONV_PADDING)
+    return y, gaussian_kl_terms(mu, sigma, prior_mu, prior_sigma).sum()
+
+
+def fused_conv(estimator):
+    def run(x, mu, rho, bias, prior_mu, prior_sigma=0.01):
+        return bk.bayes_conv2d(x, mu, rho, bias, padding=CONV_PADDING, seed=torch.tensor(1234, device=mu.device),
+                               prior_mu=prior_mu, prior_sigma=prior_sigma, estimator=estimator)
+    return run
+
+
+def plain_conv(x, mu, rho, bias, prior_mu, prior_sigma=0.01):
+    return F.conv2d(x, mu.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=CONV_PADDING), None
+
+
+CONV_VARIANTS = {
+    "F.conv2d": plain_conv,
+    "paper-style": paper_style_conv,
+    "fused-reparam": fused_conv("reparam"),
+    "fused-lrt": fused_conv("lrt"),
+}
+
+
+def make_conv_layer(batch, channels, height, width, dtype, device):
+    """(x, mu, rho, bias, prior_mu) of a 3x3 conv: x in ``dtype``, float32 parameters, all requiring grad."""
+    x = torch.randn(batch, channels, height, width, device=device, dtype=dtype, requires_grad=True)
+    mu = (torch.randn(channels, channels, 3, 3, device=device) / (9 * channels)**0.5).requires_grad_()
+    rho = torch.full(mu.shape, -5.0, device=device, requires_grad=True)
+    bias = torch.zeros(channels, device=device, requires_grad=True)
+    prior_mu = mu.detach().clone()
+    return x, mu, rho, bias, prior_mu

@@ -2,8 +2,8 @@
 
 Follows the conventions of ``bnn_kernels.registry``.  The operators work one block of weight rows (of output
 channels, for conv) at a time (eps and the weight sample exist only for one block, then are dropped), draw the same
-Philox normals as ``bnn_kernels.rng`` and compute the KL and its gradient inside the linear / conv op.  Usable when the extension was built
-(``pip install --no-build-isolation .`` or ``-e .``).
+Philox normals as ``bnn_kernels.rng`` and compute the KL and its gradient inside the linear / conv op.  Usable when
+the extension was built (``pip install --no-build-isolation .`` or ``-e .``).
 """
 from __future__ import annotations
 

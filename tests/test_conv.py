@@ -61,7 +61,8 @@ def make_inputs(conv, dtype, param_dtype, device, sigma_param, with_bias=True, w
     bias = torch.randn(conv.c_out, dtype=torch.float64) * 0.1 if with_bias else None
     prior = mu + 0.01 * torch.randn(weight_shape, dtype=torch.float64) if with_prior else None
     cast = lambda t, d: None if t is None else t.to(device=device, dtype=d)  # noqa: E731
-    return cast(x, dtype), cast(mu, param_dtype), cast(rho, param_dtype), cast(bias, param_dtype), cast(prior, param_dtype)
+    return (cast(x, dtype), cast(mu, param_dtype), cast(rho, param_dtype), cast(bias, param_dtype),
+            cast(prior, param_dtype))
 
 
 def check_against_oracle(backend, conv, x, mu, rho, bias, prior, seed, sigma_param, estimator, prior_sigma=0.1):
