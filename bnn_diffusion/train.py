@@ -653,6 +653,27 @@ def _resume_config(args: argparse.Namespace, num_processes: int) -> dict:
     return config
 
 
+def _start_or_resume(accelerator, args: argparse.Namespace, checkpoint: Optional[Path], config: dict) -> tuple:
+    """(step, data seed) to start from: (0, --seed or a random seed shared by all processes) for a fresh run; for
+    a resumed one, the checkpoint's, after checking it was written with the same ``config`` and loading it (model,
+    optimizer, schedule and every random generator)."""
+    if checkpoint is None:
+        seed = [args.seed if args.seed is not None else secrets.randbits(62)]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(seed)
+        return 0, int(seed[0])
+    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+    if changed:
+        raise UsageError(f"--resume_from_checkpoint {str(checkpoint)!r} was written with other settings: "
+                         + ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
+    accelerator.load_state(str(checkpoint))
+    accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
+    return int(state["global_step"]), int(state["data_seed"])
+
+
 def _diffusion_target(scheduler, latents, noise, timesteps):
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -779,18 +800,8 @@ def train(args: argparse.Namespace) -> TrainResult:
     base_unet = accelerator.unwrap_model(unet)
     _register_checkpoint_hooks(accelerator, base_unet)
 
-    # --- resume
-    global_step, data_seed = 0, args.seed if args.seed is not None else secrets.randbits(62)
     config = _resume_config(args, accelerator.num_processes)
-    if resume_from is not None:
-        state = json.loads((resume_from / STATE_FILE).read_text(encoding="utf-8"))
-        changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
-        if changed:
-            raise UsageError(f"--resume_from_checkpoint {str(resume_from)!r} was written with other settings: "
-                             + ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
-        accelerator.load_state(str(resume_from))
-        global_step, data_seed = int(state["global_step"]), int(state["data_seed"])
-        accelerator.print(f"resumed from {resume_from} at step {global_step}")
+    global_step, data_seed = _start_or_resume(accelerator, args, resume_from, config)
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     metrics.start(global_step)
 
