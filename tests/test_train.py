@@ -26,7 +26,6 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E40
 import bnn_diffusion as bd  # noqa: E402
 from bnn_diffusion import train as trainer  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_pipeline  # noqa: E402
 
 PROMPT = "a photo of sks dog"
