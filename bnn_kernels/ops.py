@@ -380,7 +380,7 @@ def _bayes_conv2d_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: to
 def _(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding, dilation, groups, prior_sigma, sigma_param,
       estimator, backend, need_dx):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(mu), torch.empty_like(rho)
+    return dx, mu.new_empty(mu.shape), rho.new_empty(rho.shape)  # contiguous, whatever mu's memory format
 
 
 def _bayes_conv2d_setup(ctx, inputs, output):
@@ -418,9 +418,11 @@ def bayes_conv2d(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     ``kl = gaussian_kl(mu, rho, prior_mu, prior_sigma)``, produced by the same op.
 
     ``x`` is ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``; a channels_last x is accepted and read as NCHW
-    (converted first).  ``mu``/``rho`` are ``(C_out, C_in / groups, kh, kw)``.  ``stride``/``dilation`` are an int
-    or a pair, ``padding`` an int, a pair, ``"valid"`` or ``"same"`` (stride 1, symmetric padding only), as in
-    F.conv2d.  ``y`` is a contiguous NCHW tensor in x's dtype; ``kl`` a float32 0-dim tensor.
+    (converted first).  ``mu``/``rho`` are ``(C_out, C_in / groups, kh, kw)`` in any memory format (channels_last
+    parameters, as ``model.to(memory_format=torch.channels_last)`` makes them, are read without a kept copy).
+    ``stride``/``dilation`` are an int or a pair, ``padding`` an int, a pair, ``"valid"`` or ``"same"`` (stride 1,
+    symmetric padding only), as in F.conv2d.  ``y`` is a contiguous NCHW tensor in x's dtype; ``kl`` a float32
+    0-dim tensor.
     """
     prior_sigma = _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param)
     check_choice("estimator", estimator, ESTIMATORS)
@@ -457,8 +459,10 @@ def bayes_conv2d(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     # an empty batch still yields the KL; the reference backend handles it
     backend = registry.select(mu.device) if x4.numel() > 0 else "reference"
     _check_backend_dtypes(backend, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
-    y, kl, _ = _bayes_conv2d_op(x4, mu.contiguous(), rho.contiguous(), bias, _contiguous(prior_mu), seed_t, stride,
-                                padding, dilation, groups, prior_sigma, sigma_param, estimator, backend)
+    # mu, rho, prior_mu go in as they are (the backends read them contiguously): a channels_last weight copied here
+    # would be a weight-sized tensor kept for backward
+    y, kl, _ = _bayes_conv2d_op(x4, mu, rho, bias, prior_mu, seed_t, stride, padding, dilation, groups, prior_sigma,
+                                sigma_param, estimator, backend)
     return (y if batched else y.squeeze(0)), kl
 
 

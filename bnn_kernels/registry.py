@@ -33,10 +33,12 @@ g = grad_y, gk = grad_kl, pm = prior_mu or 0, ps = prior_sigma):
               drho = (2 * sigma * (u^T @ x^2) + gk * dKL/dsigma) * s'(rho)
 
 Bayesian conv2d (``bnn_kernels.ops.bayes_conv2d``): ``x`` is contiguous NCHW ``(B, C_in, H, W)``; ``mu``, ``rho``,
-``prior_mu`` are contiguous ``(C_out, C_in / groups, kh, kw)``; ``stride``, ``padding``, ``dilation`` are 2-element
-int lists (explicit symmetric padding) and ``groups`` an int, all checked by ops.  The weight noise is
+``prior_mu`` are ``(C_out, C_in / groups, kh, kw)`` in any memory format (the backends read them contiguously: a
+channels_last copy made by ops would be kept for backward); ``stride``, ``padding``, ``dilation`` are 2-element int
+lists (explicit symmetric padding) and ``groups`` an int, all checked by ops.  The weight noise is
 ``philox_normal(seed, mu.numel())`` viewed as ``mu.shape`` (flat index (co, ci, kh, kw)); the lrt output noise is
-``philox_normal(seed, y.numel())`` viewed as the contiguous NCHW y.  Dtypes and precision as for linear.
+``philox_normal(seed, y.numel())`` viewed as the contiguous NCHW y.  Dtypes and precision as for linear; dmu and drho
+are returned contiguous.
 
 ``conv_fwd(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param, estimator)
     -> (y, kl, std)``: y contiguous NCHW in x's dtype (bias added), kl as for linear, std output-sized (lrt) or empty.

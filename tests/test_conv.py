@@ -207,6 +207,31 @@ def test_channels_last_input(backend, estimator):
         torch.testing.assert_close(channels_last, nchw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+def test_channels_last_parameters(backend, estimator):
+    """channels_last mu / rho / prior_mu (what model.to(memory_format=torch.channels_last) makes of them): the same
+    results, contiguous gradients, and no weight-sized copy kept for backward."""
+    device = device_for(backend)
+    x = torch.randn(1, 16, 4, 4, device=device)
+    mu, prior = torch.randn(2, 32, 16, 3, 3, device=device) * 0.1
+    rho = torch.rand(32, 16, 3, 3, device=device) - 4.0
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x_ = x.clone().requires_grad_()
+        mu_, rho_ = (t.clone(memory_format=layout).requires_grad_() for t in (mu, rho))
+        prior_ = prior.clone(memory_format=layout)
+        assert mu_.is_contiguous() == (layout == torch.contiguous_format)
+        with bk.use_backend(backend), SavedTensors() as record:
+            y, kl = bk.bayes_conv2d(x_, mu_, rho_, stride=2, padding=1, seed=6, prior_mu=prior_, estimator=estimator)
+        kept = sum(t.numel() for t in record.new_tensors(x_, mu_, rho_, prior_))
+        assert kept <= 1 + (y.numel() if estimator == "lrt" else 0)  # the seed (+ lrt's std)
+        (y.square().sum() + kl).backward()
+        results.append((y, kl, x_.grad, mu_.grad, rho_.grad))
+    for contiguous, channels_last in zip(*results):
+        torch.testing.assert_close(channels_last, contiguous)
+
+
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("estimator", ["reparam", "lrt"])
 @pytest.mark.parametrize("sigma_param", ["softplus", "direct"])
