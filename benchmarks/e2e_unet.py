@@ -346,13 +346,15 @@ def main(argv=None) -> dict:
     latent = args.latent_size or UNET_CONFIGS[args.config]["sample_size"]
     results = {
         "environment": env, "config": args.config, "unet_config": UNET_CONFIGS[args.config], "latent_size": latent,
-        "precision": "float32 weights, bfloat16 autocast", "optimizer": f"torch.optim.AdamW(lr={args.lr}, {args.adamw})",
+        "precision": "float32 weights, bfloat16 autocast",
+        "optimizer": f"torch.optim.AdamW(lr={args.lr}, {args.adamw})",
         "kl_weight": args.kl_weight, "repeats": args.repeats, "warmup": args.warmup, "on_gpu": on_gpu,
         "memory_metric": ("peak torch.cuda.max_memory_allocated over the timed steps" if on_gpu else
                           "CPU: bytes of model parameters/buffers + frozen copy + gradients + AdamW states + "
                           "autograd saved tensors (no peak-allocation counter on CPU; transient buffers not counted)"),
         "targets_note": ("stated for the sd15 config on a GPU" if on_gpu and args.config == "sd15" else
-                         f"stated for sd15 on a GPU; evaluated here on {args.config} / {device.type} for reference only"),
+                         f"stated for sd15 on a GPU; evaluated here on {args.config} / {device.type} "
+                         "for reference only"),
         "runs": [],
     }
     if not on_gpu:
