@@ -723,7 +723,7 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     Raises UsageError for files that are not what the flags say, NonFiniteLossError when the loss or the KL stops
     being finite (naming the step)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -745,8 +745,11 @@ def train(args: argparse.Namespace) -> TrainResult:
         if resume_from is None:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
 
+    # The prior means are buffers equal on every rank: DDP's default re-broadcast of all buffers each forward would
+    # send a pretrained copy of every patched weight per step for nothing.
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              project_config=ProjectConfiguration(project_dir=str(output_dir)))
+                              project_config=ProjectConfiguration(project_dir=str(output_dir)),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     weight_dtype = PRECISIONS[accelerator.mixed_precision]
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
