@@ -350,16 +350,17 @@ def kl_loss(model: nn.Module) -> torch.Tensor:
 
 
 def merge(model: nn.Module) -> list:
-    """Replace every Bayesian module by a plain module holding the posterior mean (``nn.Linear`` for
-    ``BayesLinear``), in place; returns the qualified names replaced.  The merged model has the parameters and
-    outputs of an unpatched model with those weights: zero inference cost.  The plain modules share the means'
-    storage (no copy); the priors and sigmas are dropped."""
+    """Replace every Bayesian module by a plain ``nn.Linear`` / ``nn.Conv2d`` holding the posterior mean, in place;
+    returns the qualified names replaced.  Full-rank layers: the mean and bias (sharing their storage, no copy);
+    LoRA layers: the base weight + scale * B @ A with the factors' means (a new tensor).  The merged model has the
+    parameters and outputs of an unpatched model with those weights: zero inference cost.  The priors and sigmas
+    are dropped."""
     return _replace_all(model, lambda module: module.to_plain())
 
 
 def unpatch(model: nn.Module) -> list:
-    """Restore the original modules with their pretrained weights and biases (put back from the prior means, no
-    copy), in place; returns the qualified names restored.  Parameters that ``patch`` froze get
+    """Restore the original modules with their pretrained weights and biases (put back from the prior means or the
+    frozen LoRA base, no copy), in place; returns the qualified names restored.  Parameters that ``patch`` froze get
     ``requires_grad=True`` back.  The trained posterior is discarded: ``merge`` keeps it."""
     restored = _replace_all(model, lambda module: module.restore())
     frozen = model.__dict__.pop("_bnn_frozen_parameters", set())

@@ -734,6 +734,27 @@ def test_real_peft_adapter_is_looked_through():
     assert all(m.weight_rho.grad is not None for _, m in bd.bayesian_modules(model))
 
 
+@pytest.mark.parametrize("preset", ["all", "paper-lora"])
+def test_real_peft_adapter_on_convs_is_looked_through(preset):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    model, inputs = build("unet")
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["conv1", "to_q"]))
+    model.eval()
+    with torch.no_grad():
+        expected = run(model, inputs)
+    names = bd.patch(model, preset, targets=["resnets.0.conv1", "attn2.to_q"], freeze_others=False)
+    assert len(names) == 5 + 4 and all(n.endswith(".base_layer") for n in names)
+    conv = model.get_submodule("down_blocks.0.resnets.0.conv1.base_layer")
+    assert isinstance(conv, BayesLoRAConv2d if preset == "paper-lora" else BayesConv2d)
+    with torch.no_grad():
+        assert_same(run(model, inputs), expected)
+    model.train()
+    run(model, inputs).square().mean().backward()
+    assert all(m.rho.grad is not None for _, m in bd.bayesian_modules(model))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------------------------
