@@ -50,13 +50,13 @@ import torch.nn.functional as F
 
 import bnn_kernels as bk
 from bnn_kernels.checks import check_choice, check_positive_float
+from bnn_kernels.ops import LORA_FACTORS
 from bnn_kernels.sigma import ESTIMATORS, SIGMA_PARAMS, sigma_from_rho
 
 __all__ = ["BayesianModule", "BayesLinear", "BayesConv2d", "BayesLoRALinear", "BayesLoRAConv2d", "rho_for_sigma",
            "draw_seed", "LORA_FACTORS"]
 
 SEED_HIGH = 2**62  # per-forward seeds are drawn uniformly from [0, SEED_HIGH)
-LORA_FACTORS = ("A", "B")
 
 
 def rho_for_sigma(sigma: float, sigma_param: str) -> float:
@@ -141,6 +141,8 @@ class BayesianModule(nn.Module):
         """(y, kl) from the fused op."""
         raise NotImplementedError
 
+    plain_type: type  # nn.Linear / nn.Conv2d: what the layer wraps and what merge gives back
+
     def _plain_layer(self, device, dtype, bias: bool) -> nn.Module:  # pragma: no cover - interface
         """A plain layer of this layer's geometry (nn.Linear / nn.Conv2d), parameters initialised on ``device``."""
         raise NotImplementedError
@@ -205,6 +207,17 @@ class BayesianModule(nn.Module):
             original.bias = nn.Parameter(bias.detach(), requires_grad=grads[1])
         original.train(self.training)
         return original
+
+    @classmethod
+    def _pretrained_weight(cls, module: nn.Module) -> torch.Tensor:
+        """``module``'s weight (detached), after checking that this class can wrap it."""
+        if not isinstance(module, cls.plain_type):
+            raise TypeError(f"{cls.__name__} wraps an nn.{cls.plain_type.__name__}, got {type(module).__name__}")
+        weight = module.weight.detach()
+        if weight.device.type == "meta":
+            raise ValueError(f"the {cls.plain_type.__name__} has weights on the meta device; load or materialise "
+                             f"them before patching")
+        return weight
 
     def _plain_with(self, weight: torch.Tensor, bias: Optional[torch.Tensor], requires_grad) -> nn.Module:
         """A new plain layer of this geometry holding ``weight`` and ``bias`` (shared, not copied)."""
@@ -350,12 +363,7 @@ class _FullRank(BayesianModule):
 
     @classmethod
     def _wrap(cls, module: nn.Module, *, sigma_init, prior_sigma, sigma_param, estimator, prior_dtype):
-        if not isinstance(module, cls.plain_type):
-            raise TypeError(f"{cls.__name__} wraps an nn.{cls.plain_type.__name__}, got {type(module).__name__}")
-        weight = module.weight.detach()
-        if weight.device.type == "meta":
-            raise ValueError(f"the {cls.plain_type.__name__} has weights on the meta device; load or materialise "
-                             f"them before patching")
+        weight = cls._pretrained_weight(module)
         has_bias = module.bias is not None
         layer = cls(**cls._geometry_of(module), bias=has_bias, sigma_init=sigma_init, prior_sigma=prior_sigma,
                     sigma_param=sigma_param, estimator=estimator, prior_dtype=prior_dtype, device="meta",
@@ -548,12 +556,7 @@ class _LoRA(BayesianModule):
     @classmethod
     def _wrap(cls, module: nn.Module, *, rank, lora_alpha, bayes, sigma_init, prior_sigma, sigma_param, estimator,
               lora_dtype):
-        if not isinstance(module, cls.plain_type):
-            raise TypeError(f"{cls.__name__} wraps an nn.{cls.plain_type.__name__}, got {type(module).__name__}")
-        weight = module.weight.detach()
-        if weight.device.type == "meta":
-            raise ValueError(f"the {cls.plain_type.__name__} has weights on the meta device; load or materialise "
-                             f"them before patching")
+        weight = cls._pretrained_weight(module)
         layer = cls(**cls._geometry_of(module), bias=module.bias is not None, rank=rank, lora_alpha=lora_alpha,
                     bayes=bayes, sigma_init=sigma_init, prior_sigma=prior_sigma, sigma_param=sigma_param,
                     estimator=estimator, lora_dtype=lora_dtype, device="meta", dtype=weight.dtype)
