@@ -16,6 +16,7 @@
 #include <array>
 #include <vector>
 
+#include "blockwise.h"
 #include "kernels.h"
 #include "ops.h"
 #include "tensor_utils.h"
@@ -31,19 +32,13 @@ struct ChannelBlock {
   int64_t groups;
 };
 
-struct ConvProblem {
-  at::Tensor x, mu, rho, prior_mu;  // contiguous; prior_mu undefined when absent
-  int64_t batch, c_out, row_size;   // row_size: elements per output channel of the weight
-  std::vector<int64_t> out_shape;   // (B, C_out, H_out, W_out)
+// x (B, C_in, H, W), mu (C_out, C_in / groups, kh, kw): C_out rows of row_size weight elements, in channel blocks.
+struct ConvProblem : BlockwiseProblem {
+  int64_t batch, c_out;
+  std::vector<int64_t> out_shape;  // (B, C_out, H_out, W_out)
   std::vector<int64_t> stride, padding, dilation;
   int64_t groups;
-  at::ScalarType x_type;     // dtype of x, y and dx
-  at::ScalarType conv_type;  // float, or double for float64 x
-  SigmaParam sigma_param;
-  Estimator estimator;
-  PhiloxKey key;
   std::vector<ChannelBlock> blocks;
-  int64_t max_rows;  // the largest block
 };
 
 std::vector<ChannelBlock> channel_blocks(int64_t c_out, int64_t c_in, int64_t groups, int64_t row_size) {
@@ -90,22 +85,14 @@ ConvProblem make_problem(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(groups >= 1 && mu.size(0) % groups == 0 && x.size(1) == mu.size(1) * groups, "bnn_cpu.", op,
               ": x ", x.sizes(), ", mu ", mu.sizes(), " and groups=", groups, " disagree");
   ConvProblem p;
-  p.x = x.contiguous();
-  p.mu = mu.contiguous();
-  p.rho = rho.contiguous();
-  if (prior_mu.has_value() && prior_mu->defined()) {
-    check_cpu_float(*prior_mu, "prior_mu");
-    TORCH_CHECK(prior_mu->sizes() == mu.sizes(), "bnn_cpu.", op, ": prior_mu must have mu's shape ", mu.sizes(),
-                ", got ", prior_mu->sizes());
-    p.prior_mu = prior_mu->contiguous();
-  }
+  p.init(op, x, mu, rho, prior_mu, seed, sigma_param, estimator);
   p.stride = int_pair(stride, op, "stride", 1);
   p.padding = int_pair(padding, op, "padding", 0);
   p.dilation = int_pair(dilation, op, "dilation", 1);
   p.groups = groups;
   p.batch = x.size(0);
   p.c_out = mu.size(0);
-  p.row_size = mu.numel() / p.c_out;
+  p.row_size = mu.numel() / p.c_out;  // mu is non-empty
   p.out_shape = {p.batch, p.c_out, 0, 0};
   for (int d = 0; d < 2; ++d) {
     const int64_t extent = p.dilation[d] * (mu.size(2 + d) - 1) + 1;
@@ -113,34 +100,14 @@ ConvProblem make_problem(const char* op, const at::Tensor& x, const at::Tensor& 
     TORCH_CHECK(x.size(2 + d) + 2 * p.padding[d] >= extent, "bnn_cpu.", op, ": x ", x.sizes(),
                 " is too small for the kernel ", mu.sizes(), " with padding ", padding, " and dilation ", dilation);
   }
-  p.x_type = x.scalar_type();
-  p.conv_type = compute_type(p.x_type);
-  p.sigma_param = parse_sigma_param(sigma_param);
-  p.estimator = parse_estimator(estimator);
-  p.key = seed_key(seed);
   p.blocks = channel_blocks(p.c_out, x.size(1), groups, p.row_size);
   p.max_rows = 0;
   for (const ChannelBlock& b : p.blocks) p.max_rows = std::max(p.max_rows, b.rows);
   return p;
 }
 
-// Weight values as a convolution operand: rounded to x's dtype (what a convolution in x's dtype would read), held in
-// the convolution type.  Both conversions are no-ops for float32.
-at::Tensor conv_operand(const at::Tensor& w, const ConvProblem& p) { return w.to(p.x_type).to(p.conv_type); }
-
-at::Tensor kl_tensor(double kl, const ConvProblem& p) {
-  return at::scalar_tensor(kl, p.mu.options().dtype(compute_type(p.mu.scalar_type())));
-}
-
 // The block's rows of a weight-shaped tensor, as a (rows, C_in / groups, kh, kw) tensor.
 at::Tensor weight_rows(const at::Tensor& weight, const ChannelBlock& b) { return weight.narrow(0, b.row, b.rows); }
-
-// A (rows, C_in / groups, kh, kw) view of the first rows of a flat buffer.
-at::Tensor block_view(const at::Tensor& buffer, const ConvProblem& p, const ChannelBlock& b) {
-  std::vector<int64_t> shape = p.mu.sizes().vec();
-  shape[0] = b.rows;
-  return buffer.narrow(0, 0, b.rows * p.row_size).view(shape);
-}
 
 // conv2d of the block's input channels of `input` with the block's weight (and bias) into channels [row, row + rows)
 // of `out`; `out` (B, C_out, H_out, W_out) is allocated on the first call, and is the block's own result when one
@@ -177,48 +144,36 @@ at::Tensor zeros_like_if(bool needed, const at::Tensor& like) { return needed ? 
 template <typename P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_fwd(const ConvProblem& p, const at::Tensor& bias,
                                                            const PriorTerms& prior) {
-  const auto pt = c10::CppTypeToScalarType<P>::value;
-  const at::Tensor xc = as_type(p.x, p.conv_type);
-  const at::Tensor bias_c = bias.defined() ? as_type(bias, p.conv_type) : at::Tensor();
+  const at::Tensor xc = as_type(p.x, p.work_type);
+  const at::Tensor bias_c = bias.defined() ? as_type(bias, p.work_type) : at::Tensor();
   at::Tensor y;
-  at::Tensor w_buffer = at::empty({p.max_rows * p.row_size}, p.mu.options().dtype(pt));
+  at::Tensor w_buffer = p.block_buffer<P>();
   double kl = 0.0;
   for (const ChannelBlock& b : p.blocks) {
-    const PosteriorRows<P> post(p.mu, p.rho, p.prior_mu, b.row, b.rows);
-    at::Tensor w = block_view(w_buffer, p, b);
-    kl += sample_weight<P>(p.key, static_cast<uint64_t>(b.row * p.row_size), post.block(), p.sigma_param, prior,
-                           w.data_ptr<P>(), nullptr, true);
-    conv_block(y, p, b, xc, conv_operand(w, p), bias_c);
+    const at::Tensor w = p.block_view(w_buffer, b.rows);
+    kl += p.sample<P>(b.row, p.posterior<P>(b.row, b.rows), prior, w, nullptr, true);
+    conv_block(y, p, b, xc, p.operand(w), bias_c);
   }
-  return {y.to(p.x_type), kl_tensor(kl, p), at::empty({0}, p.x.options())};
+  return {y.to(p.x_type), p.kl_tensor(kl), p.none()};
 }
 
 template <typename P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_bwd(const ConvProblem& p, const at::Tensor& grad_y,
                                                            const PriorTerms& prior, bool need_dx) {
-  const auto pt = c10::CppTypeToScalarType<P>::value;
-  const at::Tensor xc = as_type(p.x, p.conv_type);
-  const at::Tensor gc = as_type(grad_y, p.conv_type);
+  const at::Tensor xc = as_type(p.x, p.work_type);
+  const at::Tensor gc = as_type(grad_y, p.work_type);
   at::Tensor dx = zeros_like_if(need_dx, xc);
-  at::Tensor dmu = at::empty(p.mu.sizes(), p.mu.options());
-  at::Tensor drho = at::empty(p.rho.sizes(), p.rho.options());
-  at::Tensor w_buffer = at::empty({p.max_rows * p.row_size}, p.mu.options().dtype(pt));
-  at::Tensor eps_buffer = at::empty({p.max_rows * p.row_size}, p.mu.options().dtype(at::kFloat));
+  PosteriorGrads<P> grads(p);
+  at::Tensor w_buffer = p.block_buffer<P>();
+  at::Tensor eps_buffer = p.block_buffer<float>();
   for (const ChannelBlock& b : p.blocks) {
-    const PosteriorRows<P> post(p.mu, p.rho, p.prior_mu, b.row, b.rows);
-    at::Tensor w = block_view(w_buffer, p, b);
+    const PosteriorRows<P> post = p.posterior<P>(b.row, b.rows);
+    const at::Tensor w = p.block_view(w_buffer, b.rows);
     float* eps = eps_buffer.data_ptr<float>();
-    sample_weight<P>(p.key, static_cast<uint64_t>(b.row * p.row_size), post.block(), p.sigma_param, prior,
-                     w.data_ptr<P>(), eps, false);
-    const at::Tensor grad_w = as_type(conv_block_backward(p, b, gc, xc, conv_operand(w, p), dx), pt);
-    OutputRows<P> dmu_rows(dmu, b.row, b.rows);
-    OutputRows<P> drho_rows(drho, b.row, b.rows);
-    posterior_grad_reparam<P>(post.block(), p.sigma_param, prior, grad_w.data_ptr<P>(), eps, dmu_rows.data(),
-                              drho_rows.data());
-    dmu_rows.commit();
-    drho_rows.commit();
+    p.sample<P>(b.row, post, prior, w, eps, false);
+    grads.reparam(p, prior, b.row, b.rows, post, conv_block_backward(p, b, gc, xc, p.operand(w), dx), eps);
   }
-  return {need_dx ? dx.to(p.x_type) : at::empty({0}, p.x.options()), dmu, drho};
+  return {need_dx ? dx.to(p.x_type) : p.none(), grads.dmu, grads.drho};
 }
 
 // --- lrt ---------------------------------------------------------------------------------------------------------
@@ -227,86 +182,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_bwd(const ConvProblem& p,
 // convolution algorithm may round slightly below 0); adds the KL terms to *kl when kl is not null.
 template <typename P>
 at::Tensor lrt_variance(const ConvProblem& p, const at::Tensor& x_sq, const PriorTerms& prior, double* kl) {
-  const auto pt = c10::CppTypeToScalarType<P>::value;
   at::Tensor var;
-  at::Tensor s2_buffer = at::empty({p.max_rows * p.row_size}, p.mu.options().dtype(pt));
+  at::Tensor s2_buffer = p.block_buffer<P>();
   for (const ChannelBlock& b : p.blocks) {
-    const PosteriorRows<P> post(p.mu, p.rho, p.prior_mu, b.row, b.rows);
-    at::Tensor s2 = block_view(s2_buffer, p, b);
-    const double block_kl = sigma_squared<P>(post.block(), p.sigma_param, prior, s2.data_ptr<P>(), kl != nullptr);
+    const at::Tensor s2 = p.block_view(s2_buffer, b.rows);
+    const double block_kl = sigma_squared<P>(p.posterior<P>(b.row, b.rows).block(), p.sigma_param, prior,
+                                             s2.data_ptr<P>(), kl != nullptr);
     if (kl != nullptr) *kl += block_kl;
-    conv_block(var, p, b, x_sq, as_type(s2, p.conv_type), at::Tensor());
+    conv_block(var, p, b, x_sq, as_type(s2, p.work_type), at::Tensor());
   }
   return var.clamp_min_(0.0);
-}
-
-template <typename G>
-void lrt_output_typed(const ConvProblem& p, at::Tensor& mean_to_y, at::Tensor& var_to_std) {
-  G* y = mean_to_y.data_ptr<G>();
-  G* s = var_to_std.data_ptr<G>();
-  lrt_output<G>(p.key, 1, mean_to_y.numel(), y, s, nullptr, y, s);  // flat index; the bias is already in the mean
 }
 
 template <typename P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_fwd(const ConvProblem& p, const at::Tensor& bias,
                                                        const PriorTerms& prior) {
-  const at::Tensor xc = as_type(p.x, p.conv_type);
-  const at::Tensor bias_c = bias.defined() ? as_type(bias, p.conv_type) : at::Tensor();
+  const at::Tensor xc = as_type(p.x, p.work_type);
+  const at::Tensor bias_c = bias.defined() ? as_type(bias, p.work_type) : at::Tensor();
   at::Tensor mean;
-  for (const ChannelBlock& b : p.blocks) conv_block(mean, p, b, xc, conv_operand(weight_rows(p.mu, b), p), bias_c);
+  for (const ChannelBlock& b : p.blocks) conv_block(mean, p, b, xc, p.operand(weight_rows(p.mu, b)), bias_c);
   double kl = 0.0;
   at::Tensor var = lrt_variance<P>(p, xc * xc, prior, &kl);
-  // mean becomes y and var becomes std, in place
-  if (p.conv_type == at::kDouble) {
-    lrt_output_typed<double>(p, mean, var);
-  } else {
-    lrt_output_typed<float>(p, mean, var);
-  }
-  return {mean.to(p.x_type), kl_tensor(kl, p), var.to(p.x_type)};
+  // mean becomes y and var becomes std, in place; flat index, the bias is already in the mean
+  lrt_output_in_place(p, 1, mean.numel(), mean, var, at::Tensor());
+  return {mean.to(p.x_type), p.kl_tensor(kl), var.to(p.x_type)};
 }
 
 template <typename P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_bwd(const ConvProblem& p, const at::Tensor& grad_y,
                                                        const at::Tensor& std, const PriorTerms& prior, bool need_dx) {
-  const auto pt = c10::CppTypeToScalarType<P>::value;
-  const at::Tensor xc = as_type(p.x, p.conv_type);
-  const at::Tensor gc = as_type(grad_y, p.conv_type);
+  const at::Tensor xc = as_type(p.x, p.work_type);
+  const at::Tensor gc = as_type(grad_y, p.work_type);
   const at::Tensor x_sq = xc * xc;
   // the output std kept by the forward, or recomputed when the caller kept none
   const at::Tensor std_c =
-      std.numel() > 0 ? as_type(std, p.conv_type) : lrt_variance<P>(p, x_sq, prior, nullptr).sqrt_();
-  at::Tensor u = at::empty_like(gc);
-  if (p.conv_type == at::kDouble) {
-    lrt_scaled_grad<double>(p.key, u.numel(), gc.data_ptr<double>(), std_c.data_ptr<double>(), u.data_ptr<double>());
-  } else {
-    lrt_scaled_grad<float>(p.key, u.numel(), gc.data_ptr<float>(), std_c.data_ptr<float>(), u.data_ptr<float>());
-  }
+      std.numel() > 0 ? as_type(std, p.work_type) : lrt_variance<P>(p, x_sq, prior, nullptr).sqrt_();
+  const at::Tensor u = lrt_scaled_output_grad(p, gc, std_c);
   at::Tensor dx_mean = zeros_like_if(need_dx, xc);
   at::Tensor dx_var = zeros_like_if(need_dx, xc);
-  at::Tensor dmu = at::empty(p.mu.sizes(), p.mu.options());
-  at::Tensor drho = at::empty(p.rho.sizes(), p.rho.options());
-  at::Tensor s2_buffer = at::empty({p.max_rows * p.row_size}, p.mu.options().dtype(pt));
+  PosteriorGrads<P> grads(p);
+  at::Tensor s2_buffer = p.block_buffer<P>();
   for (const ChannelBlock& b : p.blocks) {
-    const PosteriorRows<P> post(p.mu, p.rho, p.prior_mu, b.row, b.rows);
-    at::Tensor s2 = block_view(s2_buffer, p, b);
+    const PosteriorRows<P> post = p.posterior<P>(b.row, b.rows);
+    const at::Tensor s2 = p.block_view(s2_buffer, b.rows);
     sigma_squared<P>(post.block(), p.sigma_param, prior, s2.data_ptr<P>(), false);
-    const at::Tensor mu_c = conv_operand(weight_rows(p.mu, b), p);
-    const at::Tensor grad_mean = as_type(conv_block_backward(p, b, gc, xc, mu_c, dx_mean), pt);
-    const at::Tensor grad_var = as_type(conv_block_backward(p, b, u, x_sq, as_type(s2, p.conv_type), dx_var), pt);
-    OutputRows<P> dmu_rows(dmu, b.row, b.rows);
-    OutputRows<P> drho_rows(drho, b.row, b.rows);
-    posterior_grad_lrt<P>(post.block(), p.sigma_param, prior, grad_mean.data_ptr<P>(), grad_var.data_ptr<P>(),
-                          dmu_rows.data(), drho_rows.data());
-    dmu_rows.commit();
-    drho_rows.commit();
+    const at::Tensor mu_c = p.operand(weight_rows(p.mu, b));
+    const at::Tensor grad_mean = conv_block_backward(p, b, gc, xc, mu_c, dx_mean);
+    const at::Tensor grad_var = conv_block_backward(p, b, u, x_sq, as_type(s2, p.work_type), dx_var);
+    grads.lrt(p, prior, b.row, b.rows, post, grad_mean, grad_var);
   }
-  at::Tensor dx;
-  if (need_dx) {
-    dx = dx_var.mul_(xc).mul_(2.0).add_(dx_mean).to(p.x_type);  // vjp(g, mu) + 2 x vjp(u, sigma^2)
-  } else {
-    dx = at::empty({0}, p.x.options());
-  }
-  return {dx, dmu, drho};
+  return {lrt_input_grad(p, need_dx, dx_mean, dx_var, xc), grads.dmu, grads.drho};  // vjp(g, mu) + 2 x vjp(u, s^2)
 }
 
 }  // namespace
@@ -320,19 +245,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_fwd(const at::Tensor& x, con
                                                         c10::string_view sigma_param, c10::string_view estimator) {
   const ConvProblem p = make_problem("conv_fwd", x, mu, rho, prior_mu, seed, stride, padding, dilation, groups,
                                      sigma_param, estimator);
-  at::Tensor bias_t;
-  if (bias.has_value() && bias->defined()) {
-    check_cpu_float(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.c_out, "bnn_cpu.conv_fwd: bias must have shape (", p.c_out,
-                ",), got ", bias->sizes());
-    bias_t = *bias;
-  }
+  const at::Tensor bias_t = p.bias_of("conv_fwd", bias, p.c_out);
   const PriorTerms prior(prior_sigma);
-  const bool f64 = compute_type(p.mu.scalar_type()) == at::kDouble;
-  if (p.estimator == Estimator::kReparam) {
-    return f64 ? reparam_fwd<double>(p, bias_t, prior) : reparam_fwd<float>(p, bias_t, prior);
-  }
-  return f64 ? lrt_fwd<double>(p, bias_t, prior) : lrt_fwd<float>(p, bias_t, prior);
+  return with_posterior_type(p, [&](auto type) {
+    using P = decltype(type);
+    return p.estimator == Estimator::kReparam ? reparam_fwd<P>(p, bias_t, prior) : lrt_fwd<P>(p, bias_t, prior);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(
@@ -342,21 +260,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(
     c10::string_view sigma_param, c10::string_view estimator, bool need_dx) {
   const ConvProblem p = make_problem("conv_bwd", x, mu, rho, prior_mu, seed, stride, padding, dilation, groups,
                                      sigma_param, estimator);
+  const at::IntArrayRef out_shape(p.out_shape);
   check_cpu_float(grad_y, "grad_y");
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(p.out_shape), "bnn_cpu.conv_bwd: grad_y must have shape ",
-              at::IntArrayRef(p.out_shape), ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_kl.numel() == 1, "bnn_cpu.conv_bwd: grad_kl must have one element, got shape ", grad_kl.sizes());
-  const PriorTerms prior(prior_sigma, grad_kl.item<double>());
-  const bool f64 = compute_type(p.mu.scalar_type()) == at::kDouble;
-  if (p.estimator == Estimator::kReparam) {
-    return f64 ? reparam_bwd<double>(p, grad_y, prior, need_dx) : reparam_bwd<float>(p, grad_y, prior, need_dx);
-  }
-  if (std.numel() > 0) {
+  TORCH_CHECK(grad_y.sizes() == out_shape, "bnn_cpu.conv_bwd: grad_y must have shape ", out_shape, ", got ",
+              grad_y.sizes());
+  const PriorTerms prior(prior_sigma, BlockwiseProblem::grad_kl_value("conv_bwd", grad_kl));
+  if (p.estimator == Estimator::kLrt && std.numel() > 0) {
     check_cpu_float(std, "std");
-    TORCH_CHECK(std.sizes() == at::IntArrayRef(p.out_shape), "bnn_cpu.conv_bwd: std must be empty or have shape ",
-                at::IntArrayRef(p.out_shape), ", got ", std.sizes());
+    TORCH_CHECK(std.sizes() == out_shape, "bnn_cpu.conv_bwd: std must be empty or have shape ", out_shape, ", got ",
+                std.sizes());
   }
-  return f64 ? lrt_bwd<double>(p, grad_y, std, prior, need_dx) : lrt_bwd<float>(p, grad_y, std, prior, need_dx);
+  return with_posterior_type(p, [&](auto type) {
+    using P = decltype(type);
+    return p.estimator == Estimator::kReparam ? reparam_bwd<P>(p, grad_y, prior, need_dx)
+                                              : lrt_bwd<P>(p, grad_y, std, prior, need_dx);
+  });
 }
 
 }  // namespace bnn
