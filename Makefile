@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.requirements-installed
 
 help:
 	@echo "make test   - set up .venv, build from source, run the test suite (CPU, Triton interpreter)"
-	@echo "make demo   - set up .venv, build, run the demo"
+	@echo "make demo   - set up .venv, build, run the quick corruption-stage study (CPU, minutes) into study/"
 	@echo "make bench  - set up .venv, build, run the CPU microbenchmarks (pytest-benchmark)"
 
 $(BIN)/python:
@@ -30,7 +30,8 @@ bench: install
 		--benchmark-json=benchmarks/results/cpu-microbench.json
 
 demo: install
-	TRITON_INTERPRET=1 $(BIN)/python -m bnn_kernels.demo
+	TRITON_INTERPRET=1 $(BIN)/python -m bnn_diffusion.study --out study --preset quick
+	@echo "The study's report: study/report.md (figures study/*.png, every number in study/study-quick.json)"
 
 clean:
 	rm -rf build *.egg-info bnn_kernels/*.so

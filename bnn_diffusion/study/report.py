@@ -71,10 +71,16 @@ def plot_training(result: dict, path: Path) -> None:
                 _band(ax, agg["steps"], agg["mean"][key], agg["std"][key], method, _COLORS.get(method))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("fine-tuning step")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _row(images) -> np.ndarray:
+    """Images side by side, each framed by one mid-grey pixel."""
+    return np.concatenate([np.pad(image, 1, constant_values=0.0) for image in images], axis=1)
 
 
 def plot_samples(grids: dict, method: str, seed: int, path: Path, max_rows: int = 11) -> None:
@@ -83,7 +89,7 @@ def plot_samples(grids: dict, method: str, seed: int, path: Path, max_rows: int 
     steps = sorted(grids)
     if len(steps) > max_rows:
         steps = [steps[i] for i in np.unique(np.linspace(0, len(steps) - 1, max_rows).round().astype(int))]
-    rows = [np.concatenate(list(grids[s]), axis=1) for s in steps]
+    rows = [_row(grids[s]) for s in steps]
     height, width = rows[0].shape
     fig, ax = plt.subplots(figsize=(width / 16 * 0.9 + 0.8, height / 16 * 0.9 * len(rows) + 0.6),
                            constrained_layout=True)
@@ -98,7 +104,7 @@ def plot_samples(grids: dict, method: str, seed: int, path: Path, max_rows: int 
 def plot_shots(shots: dict, path: Path) -> None:
     """The few-shot training images of every seed, one row per seed."""
     plt = _pyplot()
-    rows = [np.concatenate(list(images), axis=1) for images in shots.values()]
+    rows = [_row(images) for images in shots.values()]
     height = rows[0].shape[0]
     fig, ax = plt.subplots(figsize=(rows[0].shape[1] / 16 * 0.9 + 0.8, len(rows) * 0.9 + 0.5),
                            constrained_layout=True)
