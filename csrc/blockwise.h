@@ -167,6 +167,24 @@ inline at::Tensor lrt_scaled_output_grad(const BlockwiseProblem& p, const at::Te
   return u;
 }
 
+// lrt backward's operands in the work type: x, g = grad_y, x*x and u = g * noise / (2 std), with std the output
+// standard deviation the forward kept, or sqrt(variance(x*x)) when the caller kept none.
+struct LrtBackward {
+  at::Tensor x, g, x_sq, u;
+};
+
+template <typename Variance>
+LrtBackward lrt_backward_operands(const BlockwiseProblem& p, const at::Tensor& grad_y, const at::Tensor& std,
+                                  Variance&& variance) {
+  LrtBackward in;
+  in.x = as_type(p.x, p.work_type);
+  in.g = as_type(grad_y, p.work_type);
+  in.x_sq = in.x * in.x;
+  const at::Tensor std_w = std.numel() > 0 ? as_type(std, p.work_type) : variance(in.x_sq).sqrt_();
+  in.u = lrt_scaled_output_grad(p, in.g, std_w);
+  return in;
+}
+
 // lrt backward: dx = dx_mean + 2 x dx_var (the input gradients through mu and through sigma^2, xw = x in the work
 // type), in x's dtype; none() without need_dx.
 inline at::Tensor lrt_input_grad(const BlockwiseProblem& p, bool need_dx, at::Tensor& dx_mean, at::Tensor& dx_var,

@@ -211,13 +211,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_fwd(const ConvProblem& p, con
 template <typename P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_bwd(const ConvProblem& p, const at::Tensor& grad_y,
                                                        const at::Tensor& std, const PriorTerms& prior, bool need_dx) {
-  const at::Tensor xc = as_type(p.x, p.work_type);
-  const at::Tensor gc = as_type(grad_y, p.work_type);
-  const at::Tensor x_sq = xc * xc;
-  // the output std kept by the forward, or recomputed when the caller kept none
-  const at::Tensor std_c =
-      std.numel() > 0 ? as_type(std, p.work_type) : lrt_variance<P>(p, x_sq, prior, nullptr).sqrt_();
-  const at::Tensor u = lrt_scaled_output_grad(p, gc, std_c);
+  const LrtBackward in = lrt_backward_operands(
+      p, grad_y, std, [&](const at::Tensor& x_sq) { return lrt_variance<P>(p, x_sq, prior, nullptr); });
+  const at::Tensor& xc = in.x;
+  const at::Tensor& gc = in.g;
+  const at::Tensor& x_sq = in.x_sq;
+  const at::Tensor& u = in.u;
   at::Tensor dx_mean = zeros_like_if(need_dx, xc);
   at::Tensor dx_var = zeros_like_if(need_dx, xc);
   PosteriorGrads<P> grads(p);

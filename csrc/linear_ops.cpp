@@ -128,13 +128,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_fwd(const LinearProblem& p, c
 template <typename P>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_bwd(const LinearProblem& p, const at::Tensor& grad_y,
                                                        const at::Tensor& std, const PriorTerms& prior, bool need_dx) {
-  const at::Tensor xg = as_type(p.x, p.work_type);
-  const at::Tensor gg = as_type(grad_y, p.work_type);
-  const at::Tensor x_sq = xg * xg;
-  // the output std kept by the forward, or recomputed when the caller kept none
-  const at::Tensor std_g =
-      std.numel() > 0 ? as_type(std, p.work_type) : lrt_variance<P>(p, x_sq, prior, nullptr).sqrt_();
-  const at::Tensor u = lrt_scaled_output_grad(p, gg, std_g);
+  const LrtBackward in = lrt_backward_operands(
+      p, grad_y, std, [&](const at::Tensor& x_sq) { return lrt_variance<P>(p, x_sq, prior, nullptr); });
+  const at::Tensor& xg = in.x;
+  const at::Tensor& gg = in.g;
+  const at::Tensor& x_sq = in.x_sq;
+  const at::Tensor& u = in.u;
   at::Tensor dx_mean = need_dx ? at::zeros({p.m, p.k}, xg.options()) : at::Tensor();
   at::Tensor dx_var = need_dx ? at::zeros({p.m, p.k}, xg.options()) : at::Tensor();
   PosteriorGrads<P> grads(p);
