@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..reference import conv2d_vjp
 from .common import prior_constants, to_dtype, var_in_float32
-from .kl import sigma_and_slope, store_reparam_grads
+from .kl import load_posterior, store_reparam_grads
 from .linear import _lrt_u
 from .sample import reparam_weight_grads, sample_weight, sigma_squared
 
@@ -76,12 +76,7 @@ def _lrt_grad_kernel(grad_mean_ptr, grad_var_ptr, mu_ptr, rho_ptr, prior_ptr, gk
     gk = tl.load(gk_ptr).to(tl.float32)
     grad_mean = tl.load(grad_mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     grad_var = tl.load(grad_var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    prior = mu
-    if HAS_PRIOR:
-        prior = tl.load(prior_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sigma, slope = sigma_and_slope(rho, SOFTPLUS)
+    mu, prior, sigma, slope = load_posterior(mu_ptr, rho_ptr, prior_ptr, offs, mask, HAS_PRIOR, SOFTPLUS)
     store_reparam_grads(dmu_ptr, drho_ptr, offs, mask, grad_mean, 2.0 * sigma * grad_var, mu, sigma, slope, prior, gk,
                         inv_ps2, HAS_PRIOR)
 

@@ -71,6 +71,32 @@ def kl_grads(mu, sigma, prior, gk, inv_ps2, HAS_PRIOR: tl.constexpr):
 
 
 @triton.jit
+def load_prior(prior_ptr, offs, mask, mu, HAS_PRIOR: tl.constexpr):
+    """The prior mean at ``offs`` in float32; without a prior, ``mu`` stands in (kl_terms / kl_grads then read 0)."""
+    prior = mu
+    if HAS_PRIOR:
+        prior = tl.load(prior_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return prior
+
+
+@triton.jit
+def load_mu_sigma(mu_ptr, rho_ptr, offs, mask, SOFTPLUS: tl.constexpr):
+    """mu and sigma = s(rho) at ``offs`` in float32 (masked elements read mu = 0, rho = 1)."""
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    return mu, sigma_of(rho, SOFTPLUS)
+
+
+@triton.jit
+def load_posterior(mu_ptr, rho_ptr, prior_ptr, offs, mask, HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(mu, prior, sigma, s'(rho)) at ``offs`` in float32: what the posterior-gradient epilogues read."""
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    sigma, slope = sigma_and_slope(rho, SOFTPLUS)
+    return mu, load_prior(prior_ptr, offs, mask, mu, HAS_PRIOR), sigma, slope
+
+
+@triton.jit
 def store_reparam_grads(dmu_ptr, drho_ptr, offs, mask, grad_w, grad_sigma, mu, sigma, slope, prior, gk, inv_ps2,
                         HAS_PRIOR: tl.constexpr):
     """Store the reparam weight gradients at ``offs``, given G = dL/dW (``grad_w``) and G * eps (``grad_sigma``):
@@ -86,12 +112,8 @@ def _kl_fwd_kernel(mu_ptr, rho_ptr, prior_ptr, partial_ptr, numel, log_ps, half_
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    prior = mu
-    if HAS_PRIOR:
-        prior = tl.load(prior_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    terms = kl_terms(mu, sigma_of(rho, SOFTPLUS), prior, log_ps, half_inv_ps2, HAS_PRIOR)
+    mu, sigma = load_mu_sigma(mu_ptr, rho_ptr, offs, mask, SOFTPLUS)
+    terms = kl_terms(mu, sigma, load_prior(prior_ptr, offs, mask, mu, HAS_PRIOR), log_ps, half_inv_ps2, HAS_PRIOR)
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, terms, 0.0), axis=0))
 
 
@@ -101,12 +123,7 @@ def _kl_bwd_kernel(gk_ptr, mu_ptr, rho_ptr, prior_ptr, dmu_ptr, drho_ptr, numel,
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     gk = tl.load(gk_ptr).to(tl.float32)
-    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    prior = mu
-    if HAS_PRIOR:
-        prior = tl.load(prior_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sigma, slope = sigma_and_slope(rho, SOFTPLUS)
+    mu, prior, sigma, slope = load_posterior(mu_ptr, rho_ptr, prior_ptr, offs, mask, HAS_PRIOR, SOFTPLUS)
     dmu, dsigma = kl_grads(mu, sigma, prior, gk, inv_ps2, HAS_PRIOR)
     tl.store(dmu_ptr + offs, to_dtype(dmu, dmu_ptr.dtype.element_ty), mask=mask)
     tl.store(drho_ptr + offs, to_dtype(dsigma * slope, drho_ptr.dtype.element_ty), mask=mask)

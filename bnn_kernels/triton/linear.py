@@ -44,7 +44,7 @@ import triton.language as tl
 from .. import reference
 from .common import (dot_precision, gemm_configs, interpreter_meta, mma, prior_constants, to_dtype, tuned,
                      var_in_float32)
-from .kl import kl_grads, kl_terms, sigma_and_slope, sigma_of, store_reparam_grads
+from .kl import kl_grads, kl_terms, load_mu_sigma, load_posterior, load_prior, sigma_of, store_reparam_grads
 from .sample import transient_linear_bwd, transient_linear_fwd
 
 REPARAM_ENV = "BNN_TRITON_REPARAM"
@@ -128,12 +128,7 @@ def _weight_tile(offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, N, K, HAS_PRIOR: tl
     """Offsets, mask, mu, prior (mu when absent), sigma and s'(rho) of one weight tile, in float32."""
     w_off = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     w_mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    mu = tl.load(mu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-    rho = tl.load(rho_ptr + w_off, mask=w_mask, other=1.0).to(tl.float32)
-    prior = mu
-    if HAS_PRIOR:
-        prior = tl.load(prior_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-    sigma, slope = sigma_and_slope(rho, SOFTPLUS)
+    mu, prior, sigma, slope = load_posterior(mu_ptr, rho_ptr, prior_ptr, w_off, w_mask, HAS_PRIOR, SOFTPLUS)
     return w_off, w_mask, mu, prior, sigma, slope
 
 
@@ -164,15 +159,11 @@ def _reparam_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y
         x = tl.load(x_ptr + rows_x[:, None] + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_off = rows_w[:, None] + offs_k[None, :]
         w_mask = mask_n[:, None] & mask_k[None, :]
-        mu = tl.load(mu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-        rho = tl.load(rho_ptr + w_off, mask=w_mask, other=1.0).to(tl.float32)
-        sigma = sigma_of(rho, SOFTPLUS)
+        mu, sigma = load_mu_sigma(mu_ptr, rho_ptr, w_off, w_mask, SOFTPLUS)
         w = tl.where(w_mask, mu + sigma * tl.randn(seed, w_off), 0.0)
         acc = mma(x, tl.trans(to_dtype(w, x.dtype)), acc, DOT_PREC)
         if pid_m == 0:
-            prior = mu
-            if HAS_PRIOR:
-                prior = tl.load(prior_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
+            prior = load_prior(prior_ptr, w_off, w_mask, mu, HAS_PRIOR)
             terms = kl_terms(mu, sigma, prior, log_ps, half_inv_ps2, HAS_PRIOR)
             kl_rows += tl.sum(tl.where(w_mask, terms, 0.0), axis=1)
     if pid_m == 0:
@@ -207,18 +198,14 @@ def _lrt_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y_ptr
         x = tl.load(x_ptr + rows_x[:, None] + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_off = rows_w[:, None] + offs_k[None, :]
         w_mask = mask_n[:, None] & mask_k[None, :]
-        mu = tl.load(mu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-        rho = tl.load(rho_ptr + w_off, mask=w_mask, other=1.0).to(tl.float32)
-        sigma = sigma_of(rho, SOFTPLUS)
+        mu, sigma = load_mu_sigma(mu_ptr, rho_ptr, w_off, w_mask, SOFTPLUS)
         mean = mma(x, tl.trans(to_dtype(mu, x.dtype)), mean, DOT_PREC)
         xf = x.to(tl.float32)
         var_w = tl.where(w_mask, sigma * sigma, 0.0)
         var = mma(_to_var_dtype(xf * xf, VAR_FP32), tl.trans(_to_var_dtype(var_w, VAR_FP32)), var,
                   DOT_PREC)
         if pid_m == 0:
-            prior = mu
-            if HAS_PRIOR:
-                prior = tl.load(prior_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
+            prior = load_prior(prior_ptr, w_off, w_mask, mu, HAS_PRIOR)
             terms = kl_terms(mu, sigma, prior, log_ps, half_inv_ps2, HAS_PRIOR)
             kl_rows += tl.sum(tl.where(w_mask, terms, 0.0), axis=1)
     if pid_m == 0:
@@ -271,9 +258,8 @@ def _reparam_dx_kernel(g_ptr, mu_ptr, rho_ptr, seed_ptr, dx_ptr, M, N, K,
         g = tl.load(g_ptr + rows_g[:, None] + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w_off = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
         w_mask = mask_n[:, None] & mask_k[None, :]
-        mu = tl.load(mu_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-        rho = tl.load(rho_ptr + w_off, mask=w_mask, other=1.0).to(tl.float32)
-        w = tl.where(w_mask, mu + sigma_of(rho, SOFTPLUS) * tl.randn(seed, w_off), 0.0)
+        mu, sigma = load_mu_sigma(mu_ptr, rho_ptr, w_off, w_mask, SOFTPLUS)
+        w = tl.where(w_mask, mu + sigma * tl.randn(seed, w_off), 0.0)
         acc = mma(g, to_dtype(w, g.dtype), acc, DOT_PREC)
     dx_off = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(dx_ptr + dx_off, to_dtype(acc, dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])

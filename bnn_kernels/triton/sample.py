@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .common import prior_constants, to_dtype
-from .kl import kl_terms, sigma_and_slope, sigma_of, store_reparam_grads
+from .kl import kl_terms, load_mu_sigma, load_posterior, load_prior, store_reparam_grads
 
 _BLOCK = 1024  # weight elements per program
 _NUM_WARPS = 4  # 8 elements (8 Philox states) per thread on a GPU
@@ -46,18 +46,14 @@ def _sample_kernel(mu_ptr, rho_ptr, prior_ptr, seed_ptr, w_ptr, kl_ptr, numel, l
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    sigma = sigma_of(rho, SOFTPLUS)
+    mu, sigma = load_mu_sigma(mu_ptr, rho_ptr, offs, mask, SOFTPLUS)
     if VARIANCE:
         w = sigma * sigma
     else:
         w = mu + sigma * tl.randn(tl.load(seed_ptr), offs)
     tl.store(w_ptr + offs, to_dtype(w, w_ptr.dtype.element_ty), mask=mask)
     if WITH_KL:
-        prior = mu
-        if HAS_PRIOR:
-            prior = tl.load(prior_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        prior = load_prior(prior_ptr, offs, mask, mu, HAS_PRIOR)
         terms = kl_terms(mu, sigma, prior, log_ps, half_inv_ps2, HAS_PRIOR)
         tl.store(kl_ptr + pid, tl.sum(tl.where(mask, terms, 0.0), axis=0))
 
@@ -72,12 +68,7 @@ def _reparam_grad_kernel(grad_ptr, mu_ptr, rho_ptr, prior_ptr, seed_ptr, gk_ptr,
     gk = tl.load(gk_ptr).to(tl.float32)
     grad_w = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     grad_sigma = grad_w * tl.randn(seed, offs)
-    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rho = tl.load(rho_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    prior = mu
-    if HAS_PRIOR:
-        prior = tl.load(prior_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sigma, slope = sigma_and_slope(rho, SOFTPLUS)
+    mu, prior, sigma, slope = load_posterior(mu_ptr, rho_ptr, prior_ptr, offs, mask, HAS_PRIOR, SOFTPLUS)
     store_reparam_grads(dmu_ptr, drho_ptr, offs, mask, grad_w, grad_sigma, mu, sigma, slope, prior, gk, inv_ps2,
                         HAS_PRIOR)
 
