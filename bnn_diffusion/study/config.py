@@ -137,8 +137,7 @@ CLASSIFIER_FIELDS = ("image_size", "classifier_epochs", "pretrain_seed")
 
 PRESETS = {
     "quick": StudyConfig(),
-    "full": StudyConfig(preset="full", pretrain_steps=1500, seeds=(0, 1, 2, 3), finetune_steps=400, eval_every=20,
-                        eval_samples=64),
+    "full": StudyConfig(preset="full", seeds=(0, 1, 2, 3), finetune_steps=400, eval_samples=64),
     "smoke": StudyConfig(preset="smoke", block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
                          attention_head_dim=4, tokens=1, pretrain_steps=20, pretrain_batch=8, classifier_epochs=1,
                          methods=("baseline", "bnn"), seeds=(0,), shots=2, finetune_steps=4, finetune_batch=2,

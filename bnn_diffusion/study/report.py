@@ -199,7 +199,8 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
         "# Corruption stage of few-shot fine-tuning, and Bayesian mitigation, on real digits",
         "",
         f"Produced by `{result['command']}` in {result['timing']['total_seconds'] / 60:.1f} min on {env['machine']} "
-        f"({env['torch_threads']} torch thread(s)); every number below is in `{result['json_name']}`.",
+        f"({env['torch_threads']} torch thread(s)); every number below is in "
+        + " and ".join(f"`{name}`" for name in result["json_files"]) + ".",
         "",
         "## Answers",
         "",

@@ -120,9 +120,10 @@ def _save_run(paths: tuple, result: RunResult) -> None:
     os.replace(temporary, record_path)
 
 
-def run_study(config: StudyConfig, out, *, progress: bool = True, command: str = "") -> dict:
+def run_study(config: StudyConfig, out, *, progress: bool = True, command: str = "", json_copy=None) -> dict:
     """Run the study described by ``config`` into the directory ``out``; returns the result dictionary (also
-    written to ``<out>/study-<preset>.json``) with the report path under ``"report"``."""
+    written to ``<out>/study-<preset>.json``, and to ``json_copy`` when given) with the report path under
+    ``"report"``."""
     from .report import write_report
 
     if config.threads:
@@ -187,14 +188,18 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
         "config": config.to_dict(),
         "environment": _environment(config),
         "command": command or "bnn_diffusion.study.run_study",
-        "json_name": json_name,
+        "json_files": [str(out / json_name)] + ([str(json_copy)] if json_copy is not None else []),
         "timing": {"pretrain_seconds": pretrain_seconds, "finetune_seconds": time.perf_counter() - finetune_begin,
                    "total_seconds": time.perf_counter() - begin, "runs": len(config.seeds) * len(config.methods),
                    "runs_cached": cached_runs},
     }
     report = write_report(result, grids, shots, out)
     result["report"] = str(report)
-    (out / json_name).write_text(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    (out / json_name).write_text(text)
+    if json_copy is not None:
+        Path(json_copy).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_copy).write_text(text)
     return result
 
 
@@ -237,10 +242,7 @@ def main(argv=None) -> int:
         parser.error(str(error))
     shown = sys.argv[1:] if argv is None else list(argv)
     command = "python -m bnn_diffusion.study " + " ".join(shlex.quote(a) for a in shown)
-    result = run_study(config, args.out, progress=not args.no_progress, command=command.strip())
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    result = run_study(config, args.out, progress=not args.no_progress, command=command.strip(), json_copy=args.json)
     print(f"report: {result['report']}")
-    print(f"data:   {Path(args.out) / result['json_name']}" + (f" and {args.json}" if args.json else ""))
+    print(f"data:   {Path(args.out) / f'study-{config.preset}.json'}" + (f" and {args.json}" if args.json else ""))
     return 0
