@@ -111,6 +111,49 @@ def _grad_or_none(tensor: torch.Tensor) -> Optional[torch.Tensor]:
     return None if tensor.numel() == 0 else tensor
 
 
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# custom-op pieces shared by the layer ops
+# --------------------------------------------------------------------------------------------------------------
+
+def _fake_dx(x: torch.Tensor, need_dx: bool) -> torch.Tensor:
+    """The fake input gradient of a backward op: x's shape, or empty when not needed."""
+    return torch.empty_like(x) if need_dx else x.new_empty(0)
+
+
+def _backward_outputs(x: torch.Tensor, dx: Optional[torch.Tensor], *grads: torch.Tensor) -> tuple:
+    """A backward op's outputs: dx (empty when the backend computed none) and the other gradients, contiguous."""
+    dx = x.new_empty(0) if dx is None else dx.contiguous()
+    return (dx, *(grad.contiguous() for grad in grads))
+
+
+def _posterior_setup(ctx, inputs, output, config) -> None:
+    """Autograd context of bayes_linear / bayes_conv2d, whose inputs start (x, mu, rho, bias, prior_mu, seed):
+    the inputs, the seed and the lrt output std (output[2], not differentiable)."""
+    x, mu, rho, bias, prior_mu, seed = inputs[:6]
+    ctx.save_for_backward(x, mu, rho, prior_mu, seed, output[2])
+    ctx.config = config
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(output[2])
+
+
+def _posterior_backward(ctx, backward_op, grad_y, grad_kl, bias_dims) -> tuple:
+    """Gradients of bayes_linear / bayes_conv2d's inputs: backward_op gives dx, dmu, drho; the bias gradient is
+    grad_y summed over ``bias_dims`` (in float32)."""
+    x, mu, rho, prior_mu, seed, std = ctx.saved_tensors
+    grad_y = grad_y.to(x.dtype).contiguous()
+    dx, dmu, drho = backward_op(grad_y, grad_kl.to(kl_dtype(mu.dtype)).contiguous(), x, mu, rho, prior_mu, seed, std,
+                                *ctx.config, ctx.needs_input_grad[0])
+    dbias = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        dbias = grad_y.sum(bias_dims, dtype=torch.float32).to(ctx.bias_dtype)
+    return (_grad_or_none(dx), dmu, drho, dbias) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # philox_normal
 # --------------------------------------------------------------------------------------------------------------
@@ -233,37 +276,21 @@ def _bayes_linear_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: to
                               rho: torch.Tensor, prior_mu: Optional[torch.Tensor], seed: torch.Tensor,
                               std: torch.Tensor, prior_sigma: float, sigma_param: str, estimator: str,
                               backend: str, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dmu, drho = registry.get(backend).linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std,
-                                                      prior_sigma, sigma_param, estimator, need_dx)
-    dx = x.new_empty(0) if dx is None else dx.contiguous()
-    return dx, dmu.contiguous(), drho.contiguous()
+    return _backward_outputs(x, *registry.get(backend).linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std,
+                                                                  prior_sigma, sigma_param, estimator, need_dx))
 
 
 @_bayes_linear_backward_op.register_fake
 def _(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param, estimator, backend, need_dx):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(mu), torch.empty_like(rho)
+    return _fake_dx(x, need_dx), torch.empty_like(mu), torch.empty_like(rho)
 
 
 def _bayes_linear_setup(ctx, inputs, output):
-    x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator, backend = inputs
-    ctx.save_for_backward(x, mu, rho, prior_mu, seed, output[2])
-    ctx.config = (prior_sigma, sigma_param, estimator, backend)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(output[2])
+    _posterior_setup(ctx, inputs, output, config=inputs[6:])  # (prior_sigma, sigma_param, estimator, backend)
 
 
 def _bayes_linear_backward(ctx, grad_y, grad_kl, _grad_std):
-    x, mu, rho, prior_mu, seed, std = ctx.saved_tensors
-    prior_sigma, sigma_param, estimator, backend = ctx.config
-    grad_y = grad_y.to(x.dtype).contiguous()
-    dx, dmu, drho = _bayes_linear_backward_op(grad_y, grad_kl.to(kl_dtype(mu.dtype)).contiguous(), x, mu, rho, prior_mu, seed,
-                                              std, prior_sigma, sigma_param, estimator, backend,
-                                              ctx.needs_input_grad[0])
-    dbias = None
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-        dbias = grad_y.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return _grad_or_none(dx), dmu, drho, dbias, None, None, None, None, None, None
+    return _posterior_backward(ctx, _bayes_linear_backward_op, grad_y, grad_kl, bias_dims=0)
 
 
 _bayes_linear_op.register_autograd(_bayes_linear_backward, setup_context=_bayes_linear_setup)
@@ -346,6 +373,22 @@ def _conv_output_shape(x_shape, mu_shape, stride, padding, dilation) -> tuple:
     return (x_shape[0], mu_shape[0], *spatial)
 
 
+def _conv_geometry(x: torch.Tensor, weight_shape, stride, padding, dilation):
+    """(x as a contiguous NCHW batch, stride, padding, dilation as 2-element lists) for a conv2d with a weight of
+    ``weight_shape``; ValueError when x is too small for the kernel."""
+    kernel = tuple(weight_shape[2:])
+    stride = _int_pair("stride", stride, 1)
+    dilation = _int_pair("dilation", dilation, 1)
+    padding = _conv_padding(padding, kernel, stride, dilation)
+    x4 = (x if x.dim() == 4 else x.unsqueeze(0)).contiguous()  # NCHW, whatever x's memory format
+    out_shape = _conv_output_shape(x4.shape, weight_shape, stride, padding, dilation)
+    if min(out_shape[2:]) < 1:
+        raise ValueError(f"x's spatial size {tuple(x.shape[-2:])} is too small for kernel {kernel} "
+                         f"with padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be "
+                         f"{tuple(out_shape[2:])}")
+    return x4, stride, padding, dilation
+
+
 @torch.library.custom_op("bnn::bayes_conv2d", mutates_args=())
 def _bayes_conv2d_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Optional[torch.Tensor],
                      prior_mu: Optional[torch.Tensor], seed: torch.Tensor, stride: list[int], padding: list[int],
@@ -370,37 +413,25 @@ def _bayes_conv2d_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: to
                               std: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
                               groups: int, prior_sigma: float, sigma_param: str, estimator: str, backend: str,
                               need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dmu, drho = registry.get(backend).conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding,
-                                                    dilation, groups, prior_sigma, sigma_param, estimator, need_dx)
-    dx = x.new_empty(0) if dx is None else dx.contiguous()
-    return dx, dmu.contiguous(), drho.contiguous()
+    return _backward_outputs(x, *registry.get(backend).conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std,
+                                                                stride, padding, dilation, groups, prior_sigma,
+                                                                sigma_param, estimator, need_dx))
 
 
 @_bayes_conv2d_backward_op.register_fake
 def _(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding, dilation, groups, prior_sigma, sigma_param,
       estimator, backend, need_dx):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    return dx, mu.new_empty(mu.shape), rho.new_empty(rho.shape)  # contiguous, whatever mu's memory format
+    # contiguous, whatever mu's memory format
+    return _fake_dx(x, need_dx), mu.new_empty(mu.shape), rho.new_empty(rho.shape)
 
 
 def _bayes_conv2d_setup(ctx, inputs, output):
-    (x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param, estimator,
-     backend) = inputs
-    ctx.save_for_backward(x, mu, rho, prior_mu, seed, output[2])
-    ctx.config = (stride, padding, dilation, groups, prior_sigma, sigma_param, estimator, backend)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(output[2])
+    # config: (stride, padding, dilation, groups, prior_sigma, sigma_param, estimator, backend)
+    _posterior_setup(ctx, inputs, output, config=inputs[6:])
 
 
 def _bayes_conv2d_backward(ctx, grad_y, grad_kl, _grad_std):
-    x, mu, rho, prior_mu, seed, std = ctx.saved_tensors
-    grad_y = grad_y.to(x.dtype).contiguous()
-    dx, dmu, drho = _bayes_conv2d_backward_op(grad_y, grad_kl.to(kl_dtype(mu.dtype)).contiguous(), x, mu, rho,
-                                              prior_mu, seed, std, *ctx.config, ctx.needs_input_grad[0])
-    dbias = None
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-        dbias = grad_y.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
-    return (_grad_or_none(dx), dmu, drho, dbias) + (None,) * 10
+    return _posterior_backward(ctx, _bayes_conv2d_backward_op, grad_y, grad_kl, bias_dims=(0, 2, 3))
 
 
 _bayes_conv2d_op.register_autograd(_bayes_conv2d_backward, setup_context=_bayes_conv2d_setup)
@@ -430,30 +461,20 @@ def bayes_conv2d(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     if mu.dim() != 4 or min(mu.shape) < 1:
         raise ValueError(f"mu must be 4-D (out_channels, in_channels / groups, kernel_h, kernel_w) with non-zero "
                          f"sizes, got shape {tuple(mu.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    _check_int("groups", groups)
     if groups < 1:
         raise ValueError(f"groups must be at least 1, got {groups}")
     groups = int(groups)
-    out_channels, group_channels, kernel_h, kernel_w = mu.shape
+    out_channels, group_channels = mu.shape[:2]
     if out_channels % groups:
         raise ValueError(f"mu's out_channels ({out_channels}) must be divisible by groups ({groups})")
     in_channels = group_channels * groups
     if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
         raise ValueError(f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match mu "
                          f"{tuple(mu.shape)} with groups={groups}, got {tuple(x.shape)}")
-    stride = _int_pair("stride", stride, 1)
-    dilation = _int_pair("dilation", dilation, 1)
-    padding = _conv_padding(padding, (kernel_h, kernel_w), stride, dilation)
     _check_bias(bias, out_channels)
     _check_same_device(mu.device, x=x, bias=bias)
-    batched = x.dim() == 4
-    x4 = (x if batched else x.unsqueeze(0)).contiguous()  # NCHW, whatever x's memory format
-    out_shape = _conv_output_shape(x4.shape, mu.shape, stride, padding, dilation)
-    if min(out_shape[2:]) < 1:
-        raise ValueError(f"x's spatial size {tuple(x.shape[-2:])} is too small for kernel {(kernel_h, kernel_w)} "
-                         f"with padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be "
-                         f"{tuple(out_shape[2:])}")
+    x4, stride, padding, dilation = _conv_geometry(x, mu.shape, stride, padding, dilation)
     _check_finite(x=x, mu=mu, rho=rho)
     seed_t = _seed_tensor(seed, mu.device)
     # an empty batch still yields the KL; the reference backend handles it
@@ -463,7 +484,7 @@ def bayes_conv2d(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     # would be a weight-sized tensor kept for backward
     y, kl, _ = _bayes_conv2d_op(x4, mu, rho, bias, prior_mu, seed_t, stride, padding, dilation, groups, prior_sigma,
                                 sigma_param, estimator, backend)
-    return (y if batched else y.squeeze(0)), kl
+    return (y if x.dim() == 4 else y.squeeze(0)), kl
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -551,9 +572,16 @@ def _lora_fake_outputs(x, lora_a, rho, y_shape, h_shape, bayes, estimator):
             x.new_empty(h_shape, dtype=rank_dtype), x.new_empty(aux_shape, dtype=rank_dtype))
 
 
-def _lora_backward_outputs(dx, da, db, drho, x):
-    dx = x.new_empty(0) if dx is None else dx.contiguous()
-    return dx, da.contiguous(), db.contiguous(), drho.contiguous()
+def _lora_backward_fake(x, lora_a, lora_b, rho, need_dx):
+    return _fake_dx(x, need_dx), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(rho)
+
+
+def _lora_backward(ctx, backward_op, grad_y, grad_kl) -> tuple:
+    """Gradients of a LoRA op's inputs (x, weight, bias, lora_a, lora_b, rho, options...): the frozen base and the
+    options get None."""
+    dx, da, db, drho = backward_op(*_lora_saved_and_grads(ctx, grad_y, grad_kl), *ctx.config,
+                                   ctx.needs_input_grad[0])
+    return (_grad_or_none(dx), None, None, da, db, drho) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
 def _lora_setup(ctx, x, weight, lora_a, lora_b, rho, seed, output, config):
@@ -597,14 +625,13 @@ def _bayes_lora_linear_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, 
                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = registry.get(backend).lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux,
                                                   scale, bayes, prior_sigma, sigma_param, estimator, need_dx)
-    return _lora_backward_outputs(*grads, x)
+    return _backward_outputs(x, *grads)
 
 
 @_bayes_lora_linear_backward_op.register_fake
 def _(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes, prior_sigma, sigma_param,
       estimator, backend, need_dx):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(rho)
+    return _lora_backward_fake(x, lora_a, lora_b, rho, need_dx)
 
 
 def _bayes_lora_linear_setup(ctx, inputs, output):
@@ -614,9 +641,7 @@ def _bayes_lora_linear_setup(ctx, inputs, output):
 
 
 def _bayes_lora_linear_backward(ctx, grad_y, grad_kl, _grad_h, _grad_aux):
-    dx, da, db, drho = _bayes_lora_linear_backward_op(*_lora_saved_and_grads(ctx, grad_y, grad_kl), *ctx.config,
-                                                      ctx.needs_input_grad[0])
-    return (_grad_or_none(dx), None, None, da, db, drho) + (None,) * 7
+    return _lora_backward(ctx, _bayes_lora_linear_backward_op, grad_y, grad_kl)
 
 
 _bayes_lora_linear_op.register_autograd(_bayes_lora_linear_backward, setup_context=_bayes_lora_linear_setup)
@@ -696,14 +721,13 @@ def _bayes_lora_conv2d_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, 
     grads = registry.get(backend).lora_conv2d_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux,
                                                   stride, padding, dilation, scale, bayes, prior_sigma, sigma_param,
                                                   estimator, need_dx)
-    return _lora_backward_outputs(*grads, x)
+    return _backward_outputs(x, *grads)
 
 
 @_bayes_lora_conv2d_backward_op.register_fake
 def _(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, stride, padding, dilation, scale, bayes,
       prior_sigma, sigma_param, estimator, backend, need_dx):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(rho)
+    return _lora_backward_fake(x, lora_a, lora_b, rho, need_dx)
 
 
 def _bayes_lora_conv2d_setup(ctx, inputs, output):
@@ -714,9 +738,7 @@ def _bayes_lora_conv2d_setup(ctx, inputs, output):
 
 
 def _bayes_lora_conv2d_backward(ctx, grad_y, grad_kl, _grad_h, _grad_aux):
-    dx, da, db, drho = _bayes_lora_conv2d_backward_op(*_lora_saved_and_grads(ctx, grad_y, grad_kl), *ctx.config,
-                                                      ctx.needs_input_grad[0])
-    return (_grad_or_none(dx), None, None, da, db, drho) + (None,) * 10
+    return _lora_backward(ctx, _bayes_lora_conv2d_backward_op, grad_y, grad_kl)
 
 
 _bayes_lora_conv2d_op.register_autograd(_bayes_lora_conv2d_backward, setup_context=_bayes_lora_conv2d_setup)
@@ -741,8 +763,7 @@ def bayes_lora_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """
     prior_sigma, scale = _check_lora(x, weight, bias, lora_a, lora_b, rho, scale, bayes, prior_sigma, sigma_param,
                                      estimator)
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    _check_int("groups", groups)
     if groups != 1:
         raise ValueError(f"groups must be 1 for a LoRA conv (A is an ungrouped conv with r output channels, B a 1x1 "
                          f"conv), got groups={groups}")
@@ -758,20 +779,11 @@ def bayes_lora_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"lora_a must have shape (r, {in_channels}, {kernel_h}, {kernel_w}) (the base's kernel), "
                          f"got {tuple(lora_a.shape)}")
     _check_factor_shapes(lora_a, lora_b, rho, bayes, out_channels, (out_channels, lora_a.shape[0], 1, 1))
-    stride = _int_pair("stride", stride, 1)
-    dilation = _int_pair("dilation", dilation, 1)
-    padding = _conv_padding(padding, (kernel_h, kernel_w), stride, dilation)
-    batched = x.dim() == 4
-    x4 = (x if batched else x.unsqueeze(0)).contiguous()  # NCHW, whatever x's memory format
-    out_shape = _conv_output_shape(x4.shape, weight.shape, stride, padding, dilation)
-    if min(out_shape[2:]) < 1:
-        raise ValueError(f"x's spatial size {tuple(x.shape[-2:])} is too small for kernel {(kernel_h, kernel_w)} "
-                         f"with padding={tuple(padding)}, dilation={tuple(dilation)}: the output would be "
-                         f"{tuple(out_shape[2:])}")
+    x4, stride, padding, dilation = _conv_geometry(x, weight.shape, stride, padding, dilation)
     seed_t = _seed_tensor(seed, lora_a.device)
     backend = _lora_backend(lora_a.device, x4.numel() == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
                             lora_b=lora_b)
     y, kl, _, _ = _bayes_lora_conv2d_op(x4, weight.contiguous(), _contiguous(bias), lora_a.contiguous(),
                                         lora_b.contiguous(), rho.contiguous(), seed_t, stride, padding, dilation,
                                         scale, bayes, prior_sigma, sigma_param, estimator, backend)
-    return (y if batched else y.squeeze(0)), kl
+    return (y if x.dim() == 4 else y.squeeze(0)), kl
