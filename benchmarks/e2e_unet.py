@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2e_step import (UNET_CONFIGS, VARIANTS, VariantUnavailable, build_unet, make_batch, setup_variant,  # noqa: E402
                       training_step, forward_loss)
-from linear_ratios import environment  # noqa: E402
+from ratios import environment  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
