@@ -17,6 +17,10 @@ import torch.nn.functional as F
 import bnn_kernels as bk
 from bnn_kernels.sigma import gaussian_kl_terms, sigma_from_rho
 
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")  # where the microbenchmarks run
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32  # and the activation dtype they time
+
 SD15_LINEAR_SHAPES = {  # (name, M, N, K): 64x64 latents at batch 2 give M = 8192 tokens in the first UNet stage
     "attn-320": (8192, 320, 320),
     "attn-640": (8192, 640, 640),

@@ -8,19 +8,19 @@ import pytest
 import torch
 
 import bnn_kernels as bk
-from layers import CONV_VARIANTS, CPU_CONV_SHAPES, SD15_CONV_SHAPES, forward_backward, make_conv_layer
-from test_bench_ops import DEVICE, DTYPE, ON_GPU, _timed
+from layers import (CONV_VARIANTS, CPU_CONV_SHAPES, DEVICE, DTYPE, ON_GPU, SD15_CONV_SHAPES, forward_backward,
+                    make_conv_layer)
 
 SHAPES = SD15_CONV_SHAPES if ON_GPU else CPU_CONV_SHAPES
 
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=str)
 @pytest.mark.parametrize("variant", list(CONV_VARIANTS))
-def test_conv2d_forward_backward(benchmark, shape, variant):
+def test_conv2d_forward_backward(benchmark, timed, shape, variant):
     batch, channels, height, width = SHAPES[shape]
     layer = make_conv_layer(batch, channels, height, width, DTYPE, DEVICE)
     grad_y = torch.randn(batch, channels, height, width, device=DEVICE, dtype=DTYPE)
     benchmark.group = f"conv2d 3x3 fwd+bwd {shape} {DTYPE}"
     benchmark.extra_info.update(batch=batch, channels=channels, height=height, width=width, dtype=str(DTYPE),
                                 device=str(DEVICE), backend=bk.registry.select(DEVICE))
-    _timed(benchmark, lambda: forward_backward(variant, *layer, grad_y, variants=CONV_VARIANTS))
+    timed(lambda: forward_backward(variant, *layer, grad_y, variants=CONV_VARIANTS))
