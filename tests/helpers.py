@@ -1,6 +1,8 @@
 """Shared test helpers: which backend runs on which device here, and the oracle tolerance rule."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 import bnn_kernels as bk
@@ -35,3 +37,45 @@ def assert_close_to_oracle(name: str, value, oracle, same_dtype_torch, dtype) ->
     baseline = max_abs_error(same_dtype_torch, oracle)
     bound = 2.0 * baseline + LOW_PRECISION_ATOL[dtype] * scale
     assert error <= bound, f"{name}: error {error:.3g} > bound {bound:.3g} (plain torch in {dtype}: {baseline:.3g})"
+
+
+def assert_compiled_matches_eager(model, x, backend: str, compile_backend: Optional[str] = None,
+                                  steps: int = 3) -> None:
+    """``torch.compile(model, fullgraph=True)`` (tracing through the custom ops and their fake impls) returns the
+    eager (y, kl) of ``model(x, seed)`` for ``steps`` new seed tensors, backward runs through the compiled graph,
+    and a new seed does not recompile.  The compiled graph runs eagerly, or with ``compile_backend`` ("aot_eager"
+    also traces the backward)."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    if compile_backend is None:
+        counter = torch._dynamo.testing.CompileCounter()
+    else:
+        counter = torch._dynamo.testing.CompileCounterWithBackend(compile_backend)
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with bk.use_backend(backend):
+        for step in range(steps):
+            seed = torch.tensor(100 + step)
+            y, kl = compiled(x, seed)
+            y_eager, kl_eager = model(x, seed)
+            torch.testing.assert_close(y, y_eager)
+            torch.testing.assert_close(kl, kl_eager)
+            (y.sum() + kl).backward()
+    assert counter.frame_count == 1
+
+
+def assert_layer_close_to_oracle(label: str, result, oracle, same_dtype_torch, x_dtype, param_dtype) -> None:
+    """A Bayesian layer's (y, kl, dx, dmu, drho, dbias) against the float64 oracle (``assert_close_to_oracle``;
+    None entries skipped): the dtypes of the outputs, then each value in the dtype it was computed in.  The weight
+    gradients of a low-precision x come from a GEMM / convolution in x's dtype."""
+    y, kl, dx, dmu, drho, _ = result
+    assert y.dtype == x_dtype and kl.dtype == torch.float32 and kl.dim() == 0
+    assert dx.dtype == x_dtype and dmu.dtype == param_dtype and drho.dtype == param_dtype
+    names = ("y", "kl", "dx", "dmu", "drho", "dbias")
+    for name, value, reference, same_dtype in zip(names, result, oracle, same_dtype_torch):
+        if value is None:
+            continue
+        dtype = {"y": x_dtype, "dx": x_dtype, "kl": torch.float32}.get(name, param_dtype)
+        if name in ("dmu", "drho", "dbias") and x_dtype != torch.float32:
+            dtype = x_dtype
+        assert_close_to_oracle(f"{label}/{name}", value, reference, same_dtype, dtype)

@@ -1,10 +1,10 @@
 """torch.compile(fullgraph=True) traces through the custom ops; a new seed tensor does not recompile."""
 import pytest
 import torch
-import torch._dynamo.testing
+import torch._dynamo
 
 import bnn_kernels as bk
-from helpers import BACKENDS
+from helpers import BACKENDS, assert_compiled_matches_eager
 
 
 class TinyBayesMLP(torch.nn.Module):
@@ -23,20 +23,7 @@ class TinyBayesMLP(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
 def test_compiled_model_matches_eager_and_does_not_recompile(backend):
-    torch._dynamo.reset()
-    model = TinyBayesMLP()
-    x = torch.randn(5, 8)
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    with bk.use_backend(backend):
-        for step in range(3):
-            seed = torch.tensor(100 + step)
-            y, kl = compiled(x, seed)
-            y_eager, kl_eager = model(x, seed)
-            torch.testing.assert_close(y, y_eager)
-            torch.testing.assert_close(kl, kl_eager)
-            (y.sum() + kl).backward()
-    assert counter.frame_count == 1
+    assert_compiled_matches_eager(TinyBayesMLP(), torch.randn(5, 8), backend)
 
 
 def test_inductor_compiles_forward_and_backward():

@@ -2,11 +2,10 @@
 every backend, gradcheck, the memory contract, reproducibility, the frozen base, argument errors, torch.compile."""
 import pytest
 import torch
-import torch._dynamo.testing
 
 import bnn_kernels as bk
 from bnn_kernels.reference import bayes_lora_conv2d_materialised, bayes_lora_linear_materialised
-from helpers import BACKENDS, assert_close_to_oracle, device_for
+from helpers import BACKENDS, assert_close_to_oracle, assert_compiled_matches_eager, device_for
 from test_memory_contract import SavedTensors
 
 ESTIMATORS = ["reparam", "lrt"]
@@ -449,19 +448,7 @@ class TinyLoRANet(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
 def test_compiled_model_matches_eager_and_does_not_recompile(backend):
-    torch._dynamo.reset()
     model = TinyLoRANet()
-    x = torch.randn(2, 3, 5, 5)
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    with bk.use_backend(backend):
-        for step in range(3):
-            seed = torch.tensor(100 + step)
-            y, kl = compiled(x, seed)
-            y_eager, kl_eager = model(x, seed)
-            torch.testing.assert_close(y, y_eager)
-            torch.testing.assert_close(kl, kl_eager)
-            (y.sum() + kl).backward()
-    assert counter.frame_count == 1
+    assert_compiled_matches_eager(model, torch.randn(2, 3, 5, 5), backend)
     assert model.conv.weight.grad is None and model.linear.weight.grad is None
     assert all(p.grad is not None for p in (model.conv_a, model.conv_b, model.conv_rho, model.lin_a, model.lin_rho))
