@@ -121,12 +121,7 @@ def _setup_paper(unet: nn.Module) -> Setup:
 
 def _setup_ours(unet: nn.Module, preset: str, **options) -> Setup:
     expected = preset_layer_names(unet, preset) if bd.PRESETS[preset].kind == "full" else None
-    try:
-        replaced = bd.patch(unet, preset, **options)
-    except ValueError as error:
-        if "not supported yet" in str(error):
-            raise VariantUnavailable(str(error)) from None
-        raise
+    replaced = bd.patch(unet, preset, **options)
     if expected is not None and sorted(replaced) != sorted(expected):
         # the deterministic baseline (a) trains the layers that preset_layer_names finds: both must be the same set
         raise RuntimeError(f"bnn_diffusion.patch({preset!r}) replaced other layers than the baseline trains: "

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
 import os
 import statistics
@@ -44,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2e_step import (UNET_CONFIGS, VARIANTS, VariantUnavailable, build_unet, make_batch, setup_variant,  # noqa: E402
                       training_step, forward_loss)
-from ratios import environment  # noqa: E402
+from ratios import environment, write_json  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -364,12 +363,13 @@ def main(argv=None) -> dict:
             variant, config=args.config, batch_size=batch_size, checkpointing=checkpointing, device=device,
             repeats=args.repeats, warmup=args.warmup, kl_weight=args.kl_weight, lr=args.lr, adamw=args.adamw,
             latent_size=args.latent_size))
+        if args.json:  # after every run: a suite stopped by its time limit keeps what it measured
+            results["targets"] = evaluate_targets(results["runs"], on_gpu)
+            write_json(args.json, results)
     results["targets"] = evaluate_targets(results["runs"], on_gpu)
     print_report(results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     results["failed"] = [r for r in results["runs"] if r["status"] in ("error", "oom")]
     return results

@@ -1,18 +1,58 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build from source, run the contract tests on the GPU, the microbenchmarks, the
-# one-run ratio script and the end-to-end UNet training step (benchmarks/e2e_unet.py); every result lands as JSON
-# in $1 (default /tmp/bnn-gpu-<date>) and in benchmarks/results/.  Uses the machine's own torch/triton (no venv):
-# pip installs nothing from the network (diffusers comes as a carried wheel, see below).
+# One call on a GPU machine: build from source, the contract tests on the GPU, the one-run ratio tables, the
+# end-to-end UNet training step and the pytest-benchmark microbenchmarks, in that order (the most decisive first),
+# inside one time budget.  Every result lands as JSON in $1 (default /tmp/bnn-gpu-<date>) and in
+# benchmarks/results/gpu-<date>-<name>.json; summary.json says what each stage did.  Uses the machine's own
+# torch/triton (no venv) and installs nothing from the network (diffusers comes as a carried wheel, see below).
 #
 #   benchmarks/gpu_suite.sh [OUTPUT_DIR]
+#
+# SUITE_BUDGET_S (default 540) caps the whole suite: each stage gets min(its own cap, what is left) and is stopped
+# (SIGTERM) at its limit; the benchmark scripts write their JSON after every shape or run, so a stopped stage keeps
+# what it measured.  A stage that would get under 20 s is skipped.  SUITE_STAGES="build linear-ratios ..." runs only
+# the stages named.  The suite also runs on a machine without a GPU (small CPU sizes, the Triton interpreter; the
+# results then stay in OUTPUT_DIR), which is how tests/test_gpu_suite.py checks its plumbing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=${1:-/tmp/bnn-gpu-$stamp}
-mkdir -p "$out" benchmarks/results
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+mkdir -p "$out"
 python=${PYTHON:-python3}
+budget=${SUITE_BUDGET_S:-540}
+export PYTHONUNBUFFERED=1
+if $python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  export TRITON_INTERPRET=0
+  on_gpu=1
+else
+  export TRITON_INTERPRET=1
+  on_gpu=0
+fi
 status=0
+stages=()
+
+# stage NAME CAP_SECONDS COMMAND...: run COMMAND under min(CAP, budget left); record "name rc seconds"
+stage() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((budget - SECONDS)) limit
+  limit=$((cap < left ? cap : left))
+  if [[ -n ${SUITE_STAGES:-} && " $SUITE_STAGES " != *" $name "* ]]; then
+    stages+=("$name not-selected 0")
+    return
+  fi
+  if ((limit < 20)); then
+    echo "== $name: skipped, ${left}s of the budget left"
+    stages+=("$name skipped 0")
+    return
+  fi
+  echo "== $name (limit ${limit}s)"
+  local begin=$SECONDS rc
+  timeout --signal=TERM --kill-after=15 "$limit" "$@"
+  rc=$?
+  ((rc == 124)) && echo "   $name stopped at its ${limit}s limit"
+  ((rc != 0)) && status=1
+  stages+=("$name $rc $((SECONDS - begin))")
+}
 
 # diffusers is not on the GPU image: its wheel travels in .whl/ (ignored by git; see benchmarks/NOTES.md, "GPU suite")
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -21,29 +61,53 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 echo "== environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
 $python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-echo "== build"
-$python -m pip install --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -3 || status=1
+stage build 150 $python -m pip install --no-build-isolation --no-deps --no-index -e .
 $python -c "import bnn_kernels as bk; print('backends', bk.backends())" || status=1
 
-echo "== contract tests on the GPU"
-$python -m pytest tests -q -x --junitxml="$out/tests.xml" 2>&1 | tail -15 || status=1
+# The kernel contract tests on the GPU.  BNN_TRITON_AUTOTUNE=0: one config per kernel (no autotune benchmarking over
+# the many odd test shapes); pytest-xdist spreads the compiles over the CPUs where it is installed.
+pytest_args=(-q -p no:cacheprovider --junitxml="$out/tests.xml")
+if ((on_gpu)) && $python -c "import xdist" 2>/dev/null; then pytest_args+=(-n 8); fi
+if $python -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout 300); fi
+kernel_tests=(tests/test_rng.py tests/test_kl.py tests/test_linear.py tests/test_conv.py tests/test_lora.py
+              tests/test_memory_contract.py tests/test_errors.py tests/test_compile.py)
+BNN_TRITON_AUTOTUNE=0 stage kernel-tests 240 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
 
-echo "== microbenchmarks"
-$python -m pytest benchmarks -q --benchmark-only --benchmark-json="$out/microbench.json" 2>&1 | tail -40 || status=1
+stage linear-ratios 75 $python benchmarks/linear_ratios.py --json "$out/linear_ratios.json"
+stage lora-ratios 60 $python benchmarks/lora_ratios.py --json "$out/lora_ratios.json"
+stage conv-ratios 60 $python benchmarks/conv_ratios.py --json "$out/conv_ratios.json"
+if ((on_gpu)); then
+  stage e2e-unet 200 $python benchmarks/e2e_unet.py --config sd15 --json "$out/e2e_unet.json"
+else
+  stage e2e-unet 200 $python benchmarks/e2e_unet.py --config tiny --latent-size 8 --batch-sizes 1 --repeats 1 \
+    --warmup 0 --json "$out/e2e_unet.json"
+fi
+stage microbench 120 $python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+  --benchmark-json="$out/microbench.json"
 
-echo "== ratios in one run"
-$python benchmarks/linear_ratios.py --json "$out/linear_ratios.json" || status=1
-$python benchmarks/conv_ratios.py --json "$out/conv_ratios.json" || status=1
-$python benchmarks/lora_ratios.py --json "$out/lora_ratios.json" || status=1
+$python - "$out/summary.json" "$stamp" "$budget" "${stages[@]}" <<'EOF'
+import json, sys
+path, stamp, budget, *stages = sys.argv[1:]
+rows = [dict(zip(("stage", "rc", "seconds"), s.split())) for s in stages]
+for row in rows:
+    row["seconds"] = int(row["seconds"])
+for row in rows:
+    row["outcome"] = {"skipped": "skipped (budget)", "not-selected": "not selected", "0": "ok",
+                      "124": "stopped at its time limit"}.get(row["rc"], "failed")
+json.dump({"stamp": stamp, "budget_seconds": int(budget), "stages": rows}, open(path, "w"), indent=1)
+print("\n".join(f"{r['stage']:<14} {r['outcome']:<26} {r['seconds']:>4}s" for r in rows))
+EOF
 
-echo "== end-to-end training step (SD 1.5 UNet, 64x64 latents)"
-$python benchmarks/e2e_unet.py --config sd15 --json "$out/e2e_unet.json" 2>&1 | tee "$out/e2e_unet.log" || status=1
-
-for file in "$out"/*.json; do
-  [ -e "$file" ] && cp "$file" "benchmarks/results/gpu-$stamp-$(basename "$file")"
-done
-echo "results in $out and benchmarks/results/ (status $status)"
+if ((on_gpu)); then
+  mkdir -p benchmarks/results
+  for file in "$out"/*.json; do
+    [ -e "$file" ] && cp "$file" "benchmarks/results/gpu-$stamp-$(basename "$file")"
+  done
+  echo "results in $out and benchmarks/results/gpu-$stamp-*.json (status $status, ${SECONDS}s)"
+else
+  echo "results in $out (no GPU: nothing copied to benchmarks/results/; status $status, ${SECONDS}s)"
+fi
 exit $status

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -120,8 +121,19 @@ def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dic
               + "  ".join(f"{shape_ratios[r]:>{len(r)}.2f}" for r in ratios)
               + f"  {amounts:>{len(saved_title)}}")
         del case  # the shape's tensors go before the next shape allocates its own
+        if args.json:  # after every shape: a run stopped by a time limit keeps what it measured
+            write_json(args.json, results)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return results
+
+
+def write_json(path: str, results: dict) -> None:
+    """``results`` to ``path`` through a temporary file and a rename: the file is whole at any moment."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    with open(temporary, "w") as handle:
+        json.dump(results, handle, indent=2)
+    os.replace(temporary, path)

@@ -14,16 +14,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Every kernel indexes its operands with these names; what they tile depends on the kernel (see linear.py).
 _BLOCK_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
+# BNN_TRITON_AUTOTUNE=0 (read when bnn_kernels is imported): every autotuned kernel runs its first config, with no
+# benchmarking.  Each new shape otherwise compiles and times every config (seconds per kernel and shape): right for
+# training, where shapes repeat, and too slow for a test suite of many odd shapes on a GPU.
+AUTOTUNE_ENV = "BNN_TRITON_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    value = os.environ.get(AUTOTUNE_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
 
 def tuned(gpu_configs, key=("M", "N", "K")):
-    """``triton.autotune`` over ``gpu_configs`` on a GPU; the plain kernel under the interpreter.
+    """``triton.autotune`` over ``gpu_configs`` on a GPU (only the first with BNN_TRITON_AUTOTUNE=0, which Triton
+    then launches without timing); the plain kernel under the interpreter.
 
     The interpreter cannot autotune over several configs, so there the launcher passes ``interpreter_meta``.
     """
+    configs = gpu_configs if autotune_enabled() else gpu_configs[:1]
+
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        return triton.autotune(configs=gpu_configs, key=list(key))(kernel)
+        return triton.autotune(configs=configs, key=list(key))(kernel)
     return wrap
 
 
