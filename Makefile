@@ -3,11 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.requirements-installed
+TRITON36 := $(VENV)/triton-3.6
+TRITON36_INSTALLED := $(TRITON36)/.installed
 
-.PHONY: help install test bench demo clean
+.PHONY: help install test test-triton36 bench demo clean
 
 help:
-	@echo "make test   - set up .venv, build from source, run the test suite (CPU, Triton interpreter)"
+	@echo "make test   - set up .venv, build from source, run the test suite (CPU, Triton interpreter), then"
+	@echo "              make test-triton36: the triton-backend tests and the sm_90 compile with Triton 3.6"
 	@echo "make demo   - set up .venv, build, run the quick corruption-stage study (CPU, minutes) into study/"
 	@echo "make bench  - set up .venv, build, run the CPU microbenchmarks (pytest-benchmark)"
 
@@ -22,8 +25,20 @@ $(INSTALLED): requirements.txt requirements-dev.txt constraints.txt | $(BIN)/pyt
 install: $(INSTALLED)
 	$(BIN)/python -m pip install --no-build-isolation --no-deps -e .
 
-test: install
+# the triton-backend tests (interpreter) and the sm_90 compile test again with the GPU image's Triton (3.6) first on
+# the path: the kernels must work with it as well as with the pinned newest release
+TEST_TRITON36 = PYTHONPATH=$(TRITON36) TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q -k "triton or sm90"
+
+test: install $(TRITON36_INSTALLED)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q
+	$(TEST_TRITON36)
+
+$(TRITON36_INSTALLED): requirements-triton36.txt | $(INSTALLED)
+	$(BIN)/python -m pip install --no-deps --upgrade --target $(TRITON36) -r requirements-triton36.txt
+	touch $@
+
+test-triton36: install $(TRITON36_INSTALLED)
+	$(TEST_TRITON36)
 
 bench: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest benchmarks -q --benchmark-only \
