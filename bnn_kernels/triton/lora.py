@@ -12,8 +12,8 @@ tl.randn(seed, m*N + n) (bayes "B") or xi[m, j] = tl.randn(seed, m*r + j) (bayes
   GEMM itself), where the small pass draws r x K once.
 * ``_lora_fwd_kernel`` (grid M x N tiles, loop over K): acc += x @ W^T and acc_h += x @ A^T in the same K loop
   (lrt "A": also acc_v += x^2 @ (sigma^2)^T).  Epilogue: h (lrt "A": t = acc_h + sqrt(acc_v) * xi) is written by the
-  first N-tile (kept for backward); y = acc + bias + scale * h @ B^T (lrt "B": + sqrt(h^2 @ (sigma^2)^T) * xi),
-  rounded once.
+  first N-tile (kept for backward); y = acc + bias + scale * h @ B^T (lrt "B": + sqrt(h^2 @ (sigma^2)^T) * xi,
+  one column half at a time), rounded once.
 * ``_lora_rank_grad_kernel`` (grid M tiles, loop over N): dh = scale * g @ B; lrt "B" adds 2 h (u @ sigma^2) and
   writes u = scale g xi / (2 std) (std recomputed from h); lrt "A" writes u_t = dh xi_t / (2 std_t).
 * ``_lora_dx_kernel`` (grid M x K tiles, loop over N): dx = g @ W, plus dh @ A in the epilogue (lrt "A": plus
@@ -38,7 +38,7 @@ import triton.language as tl
 from .. import reference
 from .common import (INTERPRET, dot_precision, gemm_configs, interpreter_meta, mma, prior_constants, to_dtype, tuned,
                      var_in_float32)
-from .linear import _grouped_tile, _lrt_dw_epilogue, _lrt_u, _to_var_dtype
+from .linear import _column_halves, _grouped_tile, _lrt_dw_epilogue, _lrt_u, _to_var_dtype
 from .philox import philox_normal
 from .sample import _weight_grad, reparam_weight_grads, sample_weight, sigma_squared
 
@@ -49,7 +49,7 @@ MIN_DOT_RANK = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
 # (BM, R) rank accumulator; dx tiles M x K and loops over N.
 _FWD_CONFIGS = gemm_configs([
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (128, 256, 32, 8, 3),
+    (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
 ])
 _DX_CONFIGS = gemm_configs([
     (128, 64, 128, 8, 3), (128, 32, 128, 4, 4), (64, 64, 128, 4, 3),
@@ -126,24 +126,45 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s2_ptr, seed_ptr, y_p
     if pid_n == 0:
         tl.store(h_ptr + t_off, h, mask=t_mask)
 
-    # the low-rank output h @ B^T (+ the lrt "B" output noise), added to the base in the epilogue
-    x_dtype = x_ptr.dtype.element_ty
+    # the low-rank output h @ B^T (+ the lrt "B" output noise), added to the base in the epilogue.  With the lrt "B"
+    # noise the epilogue runs one column half at a time: four (BLOCK_M x BLOCK_N) float32 tiles (base, low-rank,
+    # variance, noise) spill on sm_90 at every tile size tried (benchmarks/NOTES.md, "sm_90 compile report").
+    if LRT and not BAYES_A:
+        HALF: tl.constexpr = BLOCK_N // 2
+        left, right = _column_halves(acc, BLOCK_M, BLOCK_N)
+        cols = pid_n * BLOCK_N + tl.arange(0, HALF)
+        _lora_fwd_epilogue(left, h, offs_m, cols, offs_r, b_ptr, s2_ptr, bias_ptr, seed, y_ptr, M, N, r, scale,
+                           HAS_BIAS, LRT, VAR_FP32, DOT_PREC)
+        _lora_fwd_epilogue(right, h, offs_m, cols + HALF, offs_r, b_ptr, s2_ptr, bias_ptr, seed, y_ptr, M, N, r,
+                           scale, HAS_BIAS, LRT, VAR_FP32, DOT_PREC)
+    else:
+        _lora_fwd_epilogue(acc, h, offs_m, offs_n, offs_r, b_ptr, s2_ptr, bias_ptr, seed, y_ptr, M, N, r, scale,
+                           HAS_BIAS, False, VAR_FP32, DOT_PREC)
+
+
+@triton.jit
+def _lora_fwd_epilogue(acc, h, offs_m, offs_n, offs_r, b_ptr, s2_ptr, bias_ptr, seed, y_ptr, M, N, r, scale,
+                       HAS_BIAS: tl.constexpr, NOISE_ON_OUTPUT: tl.constexpr, VAR_FP32: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """y = acc + scale * (h @ B^T [+ sqrt(h^2 @ (sigma^2)^T) * xi]) + bias on the columns ``offs_n``, rounded once."""
+    x_dtype = y_ptr.dtype.element_ty
+    mask_n = offs_n < N
     b_off = offs_n.to(tl.int64)[:, None] * r + offs_r[None, :]
-    b_mask = mask_n[:, None] & mask_r[None, :]
+    b_mask = mask_n[:, None] & (offs_r < r)[None, :]
     b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
-    lora = mma(to_dtype(h, x_dtype), tl.trans(to_dtype(b, x_dtype)), _zero_tile(BLOCK_M, BLOCK_N), DOT_PREC)
+    lora = mma(to_dtype(h, x_dtype), tl.trans(to_dtype(b, x_dtype)), tl.zeros(acc.shape, dtype=tl.float32),
+               DOT_PREC)
     y_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    if not BAYES_A:
-        if LRT:
-            s2 = tl.load(s2_ptr + b_off, mask=b_mask, other=0.0)
-            var = mma(_to_var_dtype(h * h, VAR_FP32), tl.trans(_to_var_dtype(s2, VAR_FP32)),
-                      _zero_tile(BLOCK_M, BLOCK_N), DOT_PREC)
-            lora += tl.sqrt(var) * tl.randn(seed, y_off)
+    if NOISE_ON_OUTPUT:
+        s2 = tl.load(s2_ptr + b_off, mask=b_mask, other=0.0)
+        var = mma(_to_var_dtype(h * h, VAR_FP32), tl.trans(_to_var_dtype(s2, VAR_FP32)),
+                  tl.zeros(acc.shape, dtype=tl.float32), DOT_PREC)
+        lora += tl.sqrt(var) * tl.randn(seed, y_off)
     acc += scale * lora
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-        acc += to_dtype(bias, y_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    tl.store(y_ptr + y_off, to_dtype(acc, y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc += to_dtype(bias, x_dtype).to(tl.float32)[None, :]
+    tl.store(y_ptr + y_off, to_dtype(acc, x_dtype), mask=(offs_m < M)[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
