@@ -49,7 +49,7 @@ stage() {
   local begin=$SECONDS rc
   timeout --signal=TERM --kill-after=15 "$limit" "$@"
   rc=$?
-  ((rc == 124)) && echo "   $name stopped at its ${limit}s limit"
+  ((rc == 124 || rc == 137)) && echo "   $name stopped at its ${limit}s limit"
   ((rc != 0)) && status=1
   stages+=("$name $rc $((SECONDS - begin))")
 }
@@ -92,11 +92,10 @@ $python - "$out/summary.json" "$stamp" "$budget" "${stages[@]}" <<'EOF'
 import json, sys
 path, stamp, budget, *stages = sys.argv[1:]
 rows = [dict(zip(("stage", "rc", "seconds"), s.split())) for s in stages]
-for row in rows:
+for row in rows:  # timeout exits 124 at the limit, 137 when the stage also needed the KILL after it
     row["seconds"] = int(row["seconds"])
-for row in rows:
     row["outcome"] = {"skipped": "skipped (budget)", "not-selected": "not selected", "0": "ok",
-                      "124": "stopped at its time limit"}.get(row["rc"], "failed")
+                      "124": "stopped at its time limit", "137": "stopped at its time limit"}.get(row["rc"], "failed")
 json.dump({"stamp": stamp, "budget_seconds": int(budget), "stages": rows}, open(path, "w"), indent=1)
 print("\n".join(f"{r['stage']:<14} {r['outcome']:<26} {r['seconds']:>4}s" for r in rows))
 EOF

@@ -124,7 +124,6 @@ def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dic
         if args.json:  # after every shape: a run stopped by a time limit keeps what it measured
             write_json(args.json, results)
     if args.json:
-        write_json(args.json, results)
         print(f"wrote {args.json}")
     return results
 

@@ -80,7 +80,7 @@ _LRT_DX_CONFIGS = gemm_configs([
     (64, 32, 64, 4, 3), (32, 32, 64, 4, 3),
 ])
 # dw kernels tile N x K and loop over M; the epilogue (noise for reparam) runs one column half at a time.
-# (A 32 x 128 x 128 tile, 8 warps, spilled 92-272 bytes in both dw kernels on sm_90: dropped.)
+# (A 32 x 128 x 128 tile, 8 warps, spilled 4-272 bytes in both dw kernels on sm_90: dropped.)
 _DW_CONFIGS = gemm_configs([
     (32, 128, 64, 8, 3), (64, 128, 64, 8, 3),
     (64, 64, 64, 4, 3), (32, 64, 64, 4, 3),
