@@ -2,8 +2,9 @@
 # One call on a GPU machine: build from source, the contract tests on the GPU, the one-run ratio tables, the
 # end-to-end UNet training step and the pytest-benchmark microbenchmarks, in that order (the most decisive first),
 # inside one time budget.  Every result lands as JSON in $1 (default /tmp/bnn-gpu-<date>) and in
-# benchmarks/results/gpu-<date>-<name>.json; summary.json says what each stage did.  Uses the machine's own
-# torch/triton (no venv) and installs nothing from the network (diffusers comes as a carried wheel, see below).
+# benchmarks/results/gpu-<date>-<name>.json; summary.json says what each stage did, tests.jsonl each test's outcome,
+# suite.log holds the console output.  Uses the machine's own torch/triton (no venv) and installs nothing from the
+# network (diffusers comes as a carried wheel, see below).
 #
 #   benchmarks/gpu_suite.sh [OUTPUT_DIR]
 #
@@ -17,6 +18,8 @@ cd "$(dirname "$0")/.."
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=${1:-/tmp/bnn-gpu-$stamp}
 mkdir -p "$out"
+exec > >(tee -a "$out/suite.log") 2>&1  # the whole log comes back with the results, also from a call cut short
+rm -f "$out/tests.jsonl"  # BNN_TEST_LOG appends
 python=${PYTHON:-python3}
 budget=${SUITE_BUDGET_S:-540}
 export PYTHONUNBUFFERED=1
@@ -69,12 +72,14 @@ $python -c "import bnn_kernels as bk; print('backends', bk.backends())" || statu
 
 # The kernel contract tests on the GPU.  BNN_TRITON_AUTOTUNE=0: one config per kernel (no autotune benchmarking over
 # the many odd test shapes); pytest-xdist spreads the compiles over the CPUs where it is installed.
-pytest_args=(-q -p no:cacheprovider --junitxml="$out/tests.xml")
+# BNN_TEST_LOG (tests/conftest.py): one JSON line per outcome, written as it comes, so that a run stopped at its limit
+# still says what passed and why anything failed.
+pytest_args=(-q -p no:cacheprovider -rfE)
 if ((on_gpu)) && $python -c "import xdist" 2>/dev/null; then pytest_args+=(-n 8); fi
 if $python -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout 300); fi
 kernel_tests=(tests/test_rng.py tests/test_kl.py tests/test_linear.py tests/test_conv.py tests/test_lora.py
               tests/test_memory_contract.py tests/test_errors.py tests/test_compile.py)
-BNN_TRITON_AUTOTUNE=0 stage kernel-tests 240 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
+BNN_TEST_LOG="$out/tests.jsonl" BNN_TRITON_AUTOTUNE=0 stage kernel-tests 240 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
 
 stage linear-ratios 75 $python benchmarks/linear_ratios.py --json "$out/linear_ratios.json"
 stage lora-ratios 60 $python benchmarks/lora_ratios.py --json "$out/lora_ratios.json"
@@ -89,15 +94,23 @@ stage microbench 120 $python -m pytest benchmarks -q -p no:cacheprovider --bench
   --benchmark-json="$out/microbench.json"
 
 $python - "$out/summary.json" "$stamp" "$budget" "${stages[@]}" <<'EOF'
-import json, sys
+import collections, json, os, sys
 path, stamp, budget, *stages = sys.argv[1:]
 rows = [dict(zip(("stage", "rc", "seconds"), s.split())) for s in stages]
 for row in rows:  # timeout exits 124 at the limit, 137 when the stage also needed the KILL after it
     row["seconds"] = int(row["seconds"])
     row["outcome"] = {"skipped": "skipped (budget)", "not-selected": "not selected", "0": "ok",
                       "124": "stopped at its time limit", "137": "stopped at its time limit"}.get(row["rc"], "failed")
-json.dump({"stamp": stamp, "budget_seconds": int(budget), "stages": rows}, open(path, "w"), indent=1)
+summary = {"stamp": stamp, "budget_seconds": int(budget), "stages": rows}
+log = os.path.join(os.path.dirname(path), "tests.jsonl")
+if os.path.exists(log):  # the kernel tests' outcomes so far, from BNN_TEST_LOG
+    records = [json.loads(line) for line in open(log) if line.strip()]
+    summary["kernel_tests"] = dict(collections.Counter(r["outcome"] for r in records))
+    summary["kernel_tests_failed"] = sorted({r["test"] for r in records if r["outcome"] == "failed"})
+json.dump(summary, open(path, "w"), indent=1)
 print("\n".join(f"{r['stage']:<14} {r['outcome']:<26} {r['seconds']:>4}s" for r in rows))
+if "kernel_tests" in summary:
+    print("kernel tests:", summary["kernel_tests"])
 EOF
 
 if ((on_gpu)); then

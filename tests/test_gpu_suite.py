@@ -5,6 +5,7 @@ asserted: a stage's outcome is "ok", "not selected" or "skipped (budget)", never
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -45,7 +46,8 @@ def test_a_spent_budget_skips_every_stage_without_failing(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert summary["budget_seconds"] == 10
     assert set(outcomes(summary).values()) == {"skipped (budget)"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.log", "summary.json"]
+    assert "skipped" in (tmp_path / "suite.log").read_text()
 
 
 @pytest.mark.parametrize("value", ["0", "1"])
@@ -65,3 +67,27 @@ def test_autotune_switch_rejects_other_values():
     done = subprocess.run([sys.executable, "-c", "import bnn_kernels.triton.linear"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "BNN_TRITON_AUTOTUNE must be 0 or 1" in done.stderr
+
+
+def test_result_log_writes_each_outcome_as_it_comes(tmp_path):
+    """BNN_TEST_LOG (tests/result_log.py): a line per pass, failure (with its message) and skip, also under xdist
+    (only the controller writes) - what the suite reads back when its test stage is stopped at a time limit."""
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_passes():\n    assert True\n"
+        "def test_fails():\n    assert 1 + 1 == 3, 'arithmetic'\n"
+        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n")
+    log = tmp_path / "results.jsonl"
+    extra = [[], ["-n", "2"]] if importlib.util.find_spec("xdist") else [[]]
+    for args in extra:
+        log.unlink(missing_ok=True)
+        env = {**os.environ, "BNN_TEST_LOG": str(log), "PYTHONPATH": str(ROOT / "tests")}
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "result_log", "-p", "no:cacheprovider",
+                               str(tmp_path / "test_sample.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stdout[-3000:]
+        records = {r["test"].split("::")[-1]: r for r in map(json.loads, log.read_text().splitlines())}
+        assert sorted(records) == ["test_fails", "test_passes", "test_skipped"], records
+        assert records["test_passes"]["outcome"] == "passed" and "message" not in records["test_passes"]
+        assert records["test_fails"]["outcome"] == "failed" and "arithmetic" in records["test_fails"]["message"]
+        assert records["test_skipped"]["outcome"] == "skipped" and "not here" in records["test_skipped"]["message"]
