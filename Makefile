@@ -6,13 +6,15 @@ INSTALLED := $(VENV)/.requirements-installed
 TRITON36 := $(VENV)/triton-3.6
 TRITON36_INSTALLED := $(TRITON36)/.installed
 
-.PHONY: help install test test-triton36 bench demo clean
+.PHONY: help install test test-triton36 bench demo check-gpu-image clean
 
 help:
 	@echo "make test   - set up .venv, build from source, run the test suite (CPU, Triton interpreter), then"
 	@echo "              make test-triton36: the triton-backend tests and the sm_90 compile with Triton 3.6"
 	@echo "make demo   - set up .venv, build, run the quick corruption-stage study (CPU, minutes) into study/"
 	@echo "make bench  - set up .venv, build, run the CPU microbenchmarks (pytest-benchmark)"
+	@echo "make check-gpu-image - the GPU machines' stack (torch 2.11, Python 3.12) here: build, tests, benchmark"
+	@echo "              stages at CPU sizes (benchmarks/gpu_image_check.sh; ~5 GB download, needs .whl/)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +49,9 @@ bench: install
 demo: install
 	TRITON_INTERPRET=1 $(BIN)/python -m bnn_diffusion.study --out study --preset quick
 	@echo "The study's report: study/report.md (figures study/*.png, every number in study/study-quick.json)"
+
+check-gpu-image:
+	bash benchmarks/gpu_image_check.sh
 
 clean:
 	rm -rf build *.egg-info bnn_kernels/*.so

@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from result_log import pytest_runtest_logreport  # noqa: E402,F401  (BNN_TEST_LOG: the hook, by its name)
+from result_log import pytest_configure, pytest_runtest_logreport  # noqa: E402,F401  (BNN_TEST_LOG: hooks by name)
 
 
 @pytest.fixture(autouse=True)

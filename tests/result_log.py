@@ -12,11 +12,19 @@ TEST_LOG_ENV = "BNN_TEST_LOG"
 _MESSAGE_CHARS = 4000
 
 
+_writes = {"enabled": False}
+
+
+def pytest_configure(config):
+    """Only the process that reports writes: not an xdist worker (it forwards its reports to the controller)."""
+    _writes["enabled"] = bool(os.environ.get(TEST_LOG_ENV)) and not hasattr(config, "workerinput")
+
+
 def pytest_runtest_logreport(report):
     """One line per test: its call's outcome, or a setup/teardown that did not pass (errors and skips)."""
-    path = os.environ.get(TEST_LOG_ENV)
-    if not path or os.environ.get("PYTEST_XDIST_WORKER"):  # workers forward their reports to the controller
+    if not _writes["enabled"]:
         return
+    path = os.environ[TEST_LOG_ENV]
     if report.when != "call" and report.passed:
         return
     record = {"test": report.nodeid, "when": report.when, "outcome": report.outcome,
