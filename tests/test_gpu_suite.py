@@ -91,3 +91,22 @@ def test_result_log_writes_each_outcome_as_it_comes(tmp_path):
         assert records["test_passes"]["outcome"] == "passed" and "message" not in records["test_passes"]
         assert records["test_fails"]["outcome"] == "failed" and "arithmetic" in records["test_fails"]["message"]
         assert records["test_skipped"]["outcome"] == "skipped" and "not here" in records["test_skipped"]["message"]
+
+
+def test_launch_census_counts_the_specialisations_a_run_compiles(tmp_path):
+    """benchmarks/launch_census.py: as a plugin it logs each interpreted launch; as a script it counts distinct
+    specialisations per kernel (one KL test in float32 and one in bfloat16: two of the KL forward kernel)."""
+    census = tmp_path / "launches.jsonl"
+    env = {**os.environ, "LAUNCH_CENSUS": str(census), "PYTHONPATH": str(ROOT / "benchmarks"),
+           "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "launch_census", "-p", "no:cacheprovider",
+                           "tests/test_kl.py::test_gaussian_kl_matches_float64_formula", "-k",
+                           "triton and softplus and shape1 and True and (dtype0 or dtype1)"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 passed" in done.stdout, done.stdout[-2000:]
+    summary = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "launch_census.py"), str(census)],
+                             capture_output=True, text=True, timeout=60)
+    assert summary.returncode == 0, summary.stderr
+    rows = dict(line.split()[:2] for line in summary.stdout.splitlines())
+    assert rows["_kl_fwd_kernel"] == "2", summary.stdout
