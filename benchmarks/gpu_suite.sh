@@ -11,14 +11,16 @@
 # SUITE_BUDGET_S (default 540) caps the whole suite: each stage gets min(its own cap, what is left) and is stopped
 # (SIGTERM) at its limit; the benchmark scripts write their JSON after every shape or run, so a stopped stage keeps
 # what it measured.  A stage that would get under 20 s is skipped.  SUITE_STAGES="build linear-ratios ..." runs only
-# the stages named.  The suite also runs on a machine without a GPU (small CPU sizes, the Triton interpreter; the
-# results then stay in OUTPUT_DIR), which is how tests/test_gpu_suite.py checks its plumbing.
+# the stages named, SUITE_TESTS="tests/... ..." other tests in the kernel-tests stage.  The suite also runs on a
+# machine without a GPU (small CPU sizes, the Triton interpreter; the results then stay in OUTPUT_DIR), which is how
+# tests/test_gpu_suite.py checks its plumbing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=${1:-/tmp/bnn-gpu-$stamp}
 mkdir -p "$out"
 exec > >(tee -a "$out/suite.log") 2>&1  # the whole log comes back with the results, also from a call cut short
+tee_pid=$!
 rm -f "$out/tests.jsonl"  # BNN_TEST_LOG appends
 python=${PYTHON:-python3}
 budget=${SUITE_BUDGET_S:-540}
@@ -72,14 +74,17 @@ $python -c "import bnn_kernels as bk; print('backends', bk.backends())" || statu
 
 # The kernel contract tests on the GPU.  BNN_TRITON_AUTOTUNE=0: one config per kernel (no autotune benchmarking over
 # the many odd test shapes); pytest-xdist spreads the compiles over the CPUs where it is installed.
-# BNN_TEST_LOG (tests/conftest.py): one JSON line per outcome, written as it comes, so that a run stopped at its limit
-# still says what passed and why anything failed.
+# BNN_TEST_LOG (tests/result_log.py): one JSON line per outcome, written as it comes, so that a run stopped at its
+# limit still says what passed and why anything failed.
 pytest_args=(-q -p no:cacheprovider -rfE)
 if ((on_gpu)) && $python -c "import xdist" 2>/dev/null; then pytest_args+=(-n 8); fi
 if $python -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout 300); fi
 kernel_tests=(tests/test_rng.py tests/test_kl.py tests/test_linear.py tests/test_conv.py tests/test_lora.py
               tests/test_memory_contract.py tests/test_errors.py tests/test_compile.py)
-BNN_TEST_LOG="$out/tests.jsonl" BNN_TRITON_AUTOTUNE=0 stage kernel-tests 240 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
+# SUITE_TESTS="FILE_OR_NODE_ID ..." runs those instead (a second call that reruns what failed, from tests.jsonl)
+if [[ -n ${SUITE_TESTS:-} ]]; then read -r -a kernel_tests <<<"$SUITE_TESTS"; fi
+BNN_TEST_LOG="$out/tests.jsonl" BNN_TRITON_AUTOTUNE=0 \
+  stage kernel-tests 240 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
 
 stage linear-ratios 75 $python benchmarks/linear_ratios.py --json "$out/linear_ratios.json"
 stage lora-ratios 60 $python benchmarks/lora_ratios.py --json "$out/lora_ratios.json"
@@ -104,7 +109,12 @@ for row in rows:  # timeout exits 124 at the limit, 137 when the stage also need
 summary = {"stamp": stamp, "budget_seconds": int(budget), "stages": rows}
 log = os.path.join(os.path.dirname(path), "tests.jsonl")
 if os.path.exists(log):  # the kernel tests' outcomes so far, from BNN_TEST_LOG
-    records = [json.loads(line) for line in open(log) if line.strip()]
+    records = []
+    for line in open(log):
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut off when the stage was stopped
+            pass
     summary["kernel_tests"] = dict(collections.Counter(r["outcome"] for r in records))
     summary["kernel_tests_failed"] = sorted({r["test"] for r in records if r["outcome"] == "failed"})
 json.dump(summary, open(path, "w"), indent=1)
@@ -122,4 +132,6 @@ if ((on_gpu)); then
 else
   echo "results in $out (no GPU: nothing copied to benchmarks/results/; status $status, ${SECONDS}s)"
 fi
+exec >&- 2>&-  # tee sees the end of its input: the log is complete when the suite returns
+wait "$tee_pid" 2>/dev/null
 exit $status

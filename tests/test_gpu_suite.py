@@ -110,3 +110,16 @@ def test_launch_census_counts_the_specialisations_a_run_compiles(tmp_path):
     assert summary.returncode == 0, summary.stderr
     rows = dict(line.split()[:2] for line in summary.stdout.splitlines())
     assert rows["_kl_fwd_kernel"] == "2", summary.stdout
+
+
+def test_test_stage_logs_each_outcome_and_counts_them_in_the_summary(tmp_path):
+    """The kernel-tests stage on SUITE_TESTS (one KL test file here): tests.jsonl holds one line per outcome and
+    summary.json their counts; suite.log holds the console output."""
+    done, summary = run_suite(tmp_path, SUITE_STAGES="kernel-tests", SUITE_TESTS="tests/test_kl.py")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert outcomes(summary)["kernel-tests"] == "ok"
+    records = [json.loads(line) for line in (tmp_path / "tests.jsonl").read_text().splitlines()]
+    passed = sum(r["outcome"] == "passed" for r in records)
+    assert passed > 0 and summary["kernel_tests"] == {"passed": passed} and summary["kernel_tests_failed"] == []
+    assert all(r["test"].startswith("tests/test_kl.py::") for r in records)
+    assert f"{passed} passed" in (tmp_path / "suite.log").read_text()
