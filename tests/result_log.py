@@ -10,8 +10,6 @@ import os
 
 TEST_LOG_ENV = "BNN_TEST_LOG"
 _MESSAGE_CHARS = 4000
-
-
 _writes = {"enabled": False}
 
 
