@@ -8,7 +8,7 @@
 #   benchmarks/gpu_image_check.sh [VENV_DIR]       (default /tmp/bnn-gpu-image; PYTHON312=... picks the interpreter)
 #
 # Triton 3.6's interpreter fails with numpy >= 2.4 (1-element arrays as Python ints): the triton-backend tests run
-# with numpy 2.3.5 first on the path (requirements-triton36.txt), everything else with the image's numpy.  On the
+# with requirements-triton36.txt's numpy (2.3.5) first on the path, everything else with the image's numpy.  On the
 # device itself the kernels are compiled, not interpreted, so the image's numpy is no problem there.  The build lands
 # beside the sources as a cpython-312 library, next to (not over) the one `make` builds for its own Python.
 set -euo pipefail
@@ -25,7 +25,7 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 py=$venv/bin/python
 "$py" -m pip install -q -r requirements-gpu-image.txt
-"$py" -m pip install -q --no-deps --upgrade --target "$venv/numpy-2.3" numpy==2.3.5
+"$py" -m pip install -q --no-deps --upgrade --target "$venv/numpy-2.3" "$(grep '^numpy==' requirements-triton36.txt)"
 site=$venv/site  # where the device puts the carried wheels
 "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .whl/*.whl
 "$py" -m pip install -q --no-build-isolation --no-deps --no-index -e .
