@@ -1,8 +1,10 @@
-"""Every Triton kernel of bnn_kernels compiled for sm_90 (H100/H200) by the real Triton compiler, on a machine
-without a GPU: registers, stack frame, spills, tensor-core instructions, shared memory.
+"""Every Triton kernel of bnn_kernels compiled for sm_90 (H100/H200), or another GPU (``--arch``), by the real
+Triton compiler on a machine without a GPU: registers, stack frame, spills, tensor-core instructions, shared memory
+against what one block may use on that GPU.
 
     python benchmarks/sm90_compile.py                          # every autotune config, bfloat16, the layer ops
     python benchmarks/sm90_compile.py --configs first --dtypes float32 bfloat16 float16 --json out.json
+    python benchmarks/sm90_compile.py --arch 86 --cases '^lora' --lora-ranks 16 64   # RTX 30xx, the LoRA kernels
 
 Each launcher of the triton backend is called on CPU tensors inside ``bnn_kernels.triton.aot.capture``: its kernel
 launches compile (nothing runs; the outputs stay unwritten) with the signature, constexprs and alignment a launch
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Callable, Iterator, List, NamedTuple
 
@@ -101,8 +104,8 @@ def _kl_and_noise(has_prior, sigma_param):
     return run
 
 
-def cases(dtypes: List[str], flag_sets=FLAG_SETS) -> Iterator[Case]:
-    """Every launcher, estimator and reparam variant, per dtype and flag set."""
+def cases(dtypes: List[str], flag_sets=FLAG_SETS, lora_ranks=(4,)) -> Iterator[Case]:
+    """Every launcher, estimator and reparam variant, per dtype and flag set; the LoRA ops at each rank."""
     for has_prior, sigma_param in sorted({(prior, sigma) for _, prior, sigma in flag_sets}):
         yield Case(f"kl+philox prior={has_prior} {sigma_param}", _kl_and_noise(has_prior, sigma_param))
     for name in dtypes:
@@ -115,16 +118,21 @@ def cases(dtypes: List[str], flag_sets=FLAG_SETS) -> Iterator[Case]:
             for estimator in ("reparam", "lrt"):
                 yield Case(f"conv {estimator} {flags}", _conv(dtype, estimator, has_bias, has_prior, sigma_param))
                 for bayes in ("A", "B"):
-                    yield Case(f"lora {estimator} bayes={bayes} {name} bias={has_bias} {sigma_param}",
-                               _lora(dtype, estimator, bayes, has_bias, sigma_param))
+                    for rank in lora_ranks:
+                        yield Case(f"lora r{rank} {estimator} bayes={bayes} {name} bias={has_bias} {sigma_param}",
+                                   _lora(dtype, estimator, bayes, has_bias, sigma_param, rank=rank))
 
 
-def compile_all(dtypes: List[str], configs: str, arch: int, flag_sets=FLAG_SETS) -> List[dict]:
-    """Run every case inside ``aot.capture``; one record per compiled (kernel, specialisation, config)."""
+def compile_all(dtypes: List[str], configs: str, arch: int, flag_sets=FLAG_SETS, lora_ranks=(4,),
+                case_pattern: str = "") -> List[dict]:
+    """Run every case (those whose label matches ``case_pattern``, a regular expression) inside ``aot.capture``; one
+    record per compiled (kernel, specialisation, config)."""
     records, seen = [], set()
     saved_variant = os.environ.get(backend.linear.REPARAM_ENV)
     try:
-        for case in cases(dtypes, flag_sets):
+        for case in cases(dtypes, flag_sets, lora_ranks):
+            if not re.search(case_pattern, case.label):
+                continue
             with aot.capture(arch=arch, autotune_configs=configs) as launches:
                 case.run()
             for launch in launches:
@@ -133,7 +141,9 @@ def compile_all(dtypes: List[str], configs: str, arch: int, flag_sets=FLAG_SETS)
                 if key in seen:  # the same kernel again (Triton's in-process cache): one record
                     continue
                 seen.add(key)
-                records.append({"case": case.label, **launch.resources().summary()})
+                record = {"case": case.label, **launch.resources().summary()}
+                record["fits_shared_memory"] = record["shared_bytes"] <= aot.SHARED_MEMORY_PER_BLOCK[arch]
+                records.append(record)
     finally:
         if saved_variant is None:
             os.environ.pop(backend.linear.REPARAM_ENV, None)
@@ -154,22 +164,27 @@ def print_table(records: List[dict]) -> None:
     """One row per record: registers, stack frame and spill bytes (ptxas -v), tensor-core instructions (SASS),
     shared memory, compile seconds."""
     print(f"{'kernel':<26} {'config':<22} {'case':<46} {'regs':>4} {'stack':>5} {'spill st':>8} {'spill ld':>8} "
-          f"{'TC':>4} {'smem KiB':>8} {'s':>5}")
+          f"{'TC':>4} {'smem KiB':>8} {'fits':>4} {'s':>5}")
     for r in records:
         print(f"{r['kernel']:<26} {_config_text(r):<22} {r['case'][:46]:<46} {r['registers']:>4} "
               f"{r['stack_bytes']:>5} {r['spill_store_bytes']:>8} {r['spill_load_bytes']:>8} "
-              f"{r['tensor_core_instructions']:>4} {r['shared_bytes'] / 1024:>8.1f} {r['compile_seconds']:>5.1f}")
+              f"{r['tensor_core_instructions']:>4} {r['shared_bytes'] / 1024:>8.1f} "
+              f"{'yes' if r['fits_shared_memory'] else 'NO':>4} {r['compile_seconds']:>5.1f}")
 
 
 def kernel_summary(records: List[dict]) -> dict:
     """Per kernel: compiled specialisations, max registers, how many of them spill (and the most spilled bytes),
-    the fewest tensor-core instructions of any, total compile seconds."""
+    how many need more shared memory than the GPU gives a block, the fewest tensor-core instructions of any, total
+    compile seconds."""
     summary = {}
     for r in records:
         s = summary.setdefault(r["kernel"], {"compiled": 0, "max_registers": 0, "spilling": 0,
-                                             "max_spill_store_bytes": 0, "min_tensor_core_instructions": None,
+                                             "max_spill_store_bytes": 0, "over_shared_memory": 0,
+                                             "max_shared_bytes": 0, "min_tensor_core_instructions": None,
                                              "compile_seconds": 0.0})
         s["compiled"] += 1
+        s["over_shared_memory"] += int(not r["fits_shared_memory"])
+        s["max_shared_bytes"] = max(s["max_shared_bytes"], r["shared_bytes"])
         s["max_registers"] = max(s["max_registers"], r["registers"])
         s["spilling"] += int(r["spill_store_bytes"] > 0)
         s["max_spill_store_bytes"] = max(s["max_spill_store_bytes"], r["spill_store_bytes"])
@@ -182,28 +197,38 @@ def kernel_summary(records: List[dict]) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(aot.SHARED_MEMORY_PER_BLOCK),
+                        help="CUDA compute capability x10 (90: H100/H200; 86, 89, 120: RTX 30xx, 40xx, 50xx)")
     parser.add_argument("--configs", choices=["all", "first"], default="all",
                         help="autotuned kernels: every config, or only the first")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bfloat16"])
     parser.add_argument("--flag-sets", choices=["all", "paper"], default="all",
                         help="kernel flags: the paper presets' (bias, prior mean, sigma direct) and the other branch "
                              "of each flag, or the paper's alone")
+    parser.add_argument("--lora-ranks", nargs="+", type=int, default=[4], help="LoRA ranks of the lora cases")
+    parser.add_argument("--cases", default="", help="only the cases whose label matches this regular expression, "
+                                                   "e.g. '^lora' (default: every case)")
     parser.add_argument("--json", default=None, help="write every record here")
     args = parser.parse_args(argv)
     flag_sets = FLAG_SETS if args.flag_sets == "all" else FLAG_SETS[:1]
-    records = compile_all(args.dtypes, args.configs, args.arch, flag_sets)
+    records = compile_all(args.dtypes, args.configs, args.arch, flag_sets, tuple(args.lora_ranks), args.cases)
     print_table(records)
     summary = kernel_summary(records)
-    print("\n# per kernel: specialisations compiled, max registers, how many spill (max spill-store bytes), "
+    limit = aot.SHARED_MEMORY_PER_BLOCK[args.arch]
+    print("\n# per kernel: specialisations compiled, max registers, how many spill (max spill-store bytes), how many "
+          f"need more than the {limit // 1024} KiB of shared memory a block has on sm_{args.arch} (max KiB), "
           "min tensor-core instructions, compile time")
     for name, s in summary.items():
         print(f"{name:<28} {s['compiled']:>3}  regs<={s['max_registers']:<4} spilling {s['spilling']:>2} "
-              f"(<= {s['max_spill_store_bytes']:>4} B)  TC>={s['min_tensor_core_instructions']:<3} "
+              f"(<= {s['max_spill_store_bytes']:>4} B)  over smem {s['over_shared_memory']:>2} "
+              f"(max {s['max_shared_bytes'] / 1024:.0f})  TC>={s['min_tensor_core_instructions']:<3} "
               f"{s['compile_seconds']:.1f} s")
     result = {"environment": {**environment(torch.device("cpu")), "triton": triton.__version__,
-                              "ptxas": aot.ptxas_version(args.arch), "target": f"cuda sm_{args.arch}"},
-              "settings": {"configs": args.configs, "dtypes": args.dtypes, "flag_sets": args.flag_sets}, "kernels": summary, "records": records}
+                              "ptxas": aot.ptxas_version(args.arch), "target": f"cuda sm_{args.arch}",
+                              "shared_memory_per_block": limit},
+              "settings": {"configs": args.configs, "dtypes": args.dtypes, "flag_sets": args.flag_sets,
+                           "lora_ranks": args.lora_ranks, "cases": args.cases},
+              "kernels": summary, "records": records}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

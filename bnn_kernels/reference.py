@@ -302,7 +302,8 @@ def bayes_lora_conv2d_materialised(x, weight, bias, lora_a, lora_b, rho, seed, s
 # accumulation); the elementwise work runs in the rank dtype.  ``h`` is the rank-space activation the up map consumed:
 # down(x; A) for bayes "B", down(x; A sample) for reparam "A", the sampled t for lrt "A"; ``aux`` is t's standard
 # deviation for lrt "A" and empty otherwise.  ``noise(seed, shape)`` draws the Philox normals (float32).  The triton
-# backend runs the conv through the same code with compute = x's dtype (cuDNN) and its own noise kernel.
+# backend runs the conv, and the linear at ranks above its fused kernels', through the same code with compute = x's
+# dtype (cuDNN / cuBLAS) and its own noise kernel.
 
 def reference_noise(seed, shape, device):
     return philox_normal_reference(seed, torch.Size(shape).numel(), 0, device).view(shape)
@@ -445,15 +446,16 @@ def _lora_bwd(maps, grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, au
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), (dsigma * dsigma_drho).to(rho.dtype)
 
 
-def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma, sigma_param, estimator):
+def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma, sigma_param, estimator,
+                    **arithmetic):
     return _lora_fwd(LinearLoRAMaps, x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma,
-                     sigma_param, estimator)
+                     sigma_param, estimator, **arithmetic)
 
 
 def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes, prior_sigma,
-                    sigma_param, estimator, need_dx):
+                    sigma_param, estimator, need_dx, **arithmetic):
     return _lora_bwd(LinearLoRAMaps, grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes,
-                     prior_sigma, sigma_param, estimator, need_dx)
+                     prior_sigma, sigma_param, estimator, need_dx, **arithmetic)
 
 
 def lora_conv2d_fwd(x, weight, bias, lora_a, lora_b, rho, seed, stride, padding, dilation, scale, bayes,

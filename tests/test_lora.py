@@ -1,23 +1,28 @@
 """bayes_lora_linear / bayes_lora_conv2d: forward and every gradient against the float64 materialising oracle on
 every backend, gradcheck, the memory contract, reproducibility, the frozen base, argument errors, torch.compile."""
+import os
+
 import pytest
 import torch
 
 import bnn_kernels as bk
 from bnn_kernels.reference import bayes_lora_conv2d_materialised, bayes_lora_linear_materialised
-from helpers import BACKENDS, assert_close_to_oracle, assert_compiled_matches_eager, device_for
+from helpers import BACKENDS, LORA_BACKENDS, assert_close_to_oracle, assert_compiled_matches_eager, device_for
 from test_memory_contract import SavedTensors
 
 ESTIMATORS = ["reparam", "lrt"]
 FACTORS = ["A", "B"]
 # (leading dims of x, out_features N, in_features K, rank r, sigma_param, scale): odd sizes around tile edges, every
-# rank of the contract (1, 4, 16, 64: below, at and above the padded rank 16), sigma_param alternating
+# rank of the contract (1, 4, 16, 64: below, at and above the padded rank 16; 80: above the triton backend's fused
+# kernels, FUSED_MAX_RANK = 64, where it runs the composition), sigma_param alternating
 LINEAR_CASES = [
     ((1,), 7, 33, 1, "softplus", 2.0),
     ((7,), 33, 7, 4, "direct", 0.5),
     ((33,), 7, 33, 16, "softplus", 1.0),
     ((2, 3), 33, 24, 64, "direct", 0.25),
+    ((5,), 19, 40, 80, "softplus", 0.5),
 ]
+LARGE_RANK = 80
 # the conv configurations of a diffusers UNet: 3x3 s1 p1 (resnet), 3x3 s2 p1 (downsample), 1x1 (shortcut)
 CONV_CASES = [
     dict(kernel=3, stride=1, padding=1, rank=4, sigma_param="softplus"),
@@ -117,7 +122,7 @@ def lora_conv(*args, **kwargs):
 
 # --- oracle tests ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("bayes", FACTORS)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, (*c[0], c[1], c[2]))) + f"-r{c[3]}")
@@ -128,12 +133,13 @@ def test_linear_float32_matches_oracle(backend, estimator, bayes, case):
                          estimator=estimator, sigma_param=sigma_param, scale=scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("bayes", FACTORS)
 @pytest.mark.parametrize("dtypes", MIXED_PRECISION, ids=lambda d: "-".join(str(t)[6:] for t in d))
-def test_linear_mixed_precision_matches_oracle(backend, estimator, bayes, dtypes):
-    inputs = linear_inputs((2, 5), 17, 24, 4, bayes, "softplus", dtypes, device_for(backend))
+@pytest.mark.parametrize("rank", [4, LARGE_RANK])
+def test_linear_mixed_precision_matches_oracle(backend, estimator, bayes, dtypes, rank):
+    inputs = linear_inputs((2, 5), 17, 24, rank, bayes, "softplus", dtypes, device_for(backend))
     check_against_oracle(backend, lora_linear, bayes_lora_linear_materialised, inputs, bayes=bayes,
                          estimator=estimator, sigma_param="softplus", scale=2.0, seed=11)
 
@@ -159,7 +165,7 @@ def test_conv_mixed_precision_matches_oracle(backend, estimator, bayes, dtypes):
                          estimator=estimator, sigma_param="softplus", scale=2.0, padding=1, seed=5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_linear_without_bias(backend, estimator):
     inputs = linear_inputs((9,), 20, 24, 4, "B", "softplus", device=device_for(backend), with_bias=False)
@@ -167,7 +173,7 @@ def test_linear_without_bias(backend, estimator):
                          estimator=estimator, sigma_param="softplus", prior_sigma=1.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
 @pytest.mark.parametrize("bayes, estimator", [("B", "reparam"), ("A", "lrt")])
 def test_factor_gradients_without_dx(backend, bayes, estimator):
     """When x needs no gradient the backward skips dx; the factor gradients do not change."""
@@ -215,7 +221,7 @@ def test_gradcheck_float64(backend, estimator, bayes, layer):
 
 # --- reproducibility -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("bayes", FACTORS)
 def test_same_noise_on_every_backend_and_determinism(backend, estimator, bayes):
@@ -241,7 +247,7 @@ def test_same_noise_on_every_backend_and_determinism(backend, estimator, bayes):
     assert not torch.allclose(y, mean, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
 @pytest.mark.parametrize("bayes", FACTORS)
 def test_reparam_samples_the_factor_from_the_philox_stream(backend, bayes):
     """With x = I, W = 0 and the other factor I, y recovers the factor sample mean + sigma * philox_normal(seed)."""
@@ -261,17 +267,20 @@ def test_reparam_samples_the_factor_from_the_philox_stream(backend, bayes):
 
 # --- memory contract -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("bayes", FACTORS)
-@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize("layer", ["linear", "conv", "linear-large-rank"])
 def test_saves_nothing_weight_or_output_sized(backend, estimator, bayes, layer):
     """Autograd keeps the inputs, the seed and the rank-space activation (plus t's std for lrt "A"): no tensor with
     the base weight's size (N*K) or the output's size."""
+    if backend == "triton" and layer == "conv" and "BNN_TRITON_LORA" in os.environ:
+        pytest.skip("BNN_TRITON_LORA concerns the linear LoRA only")
     device = device_for(backend)
-    if layer == "linear":
+    if layer.startswith("linear"):
         # M * r < N * r < M * N < N * K: rank-sized, factor-sized, output-sized and weight-sized tensors differ
-        inputs = linear_inputs((6,), 40, 48, 2, bayes, "softplus", device=device)
+        m, n, k, r = (96, 200, 240, LARGE_RANK) if layer == "linear-large-rank" else (6, 40, 48, 2)
+        inputs = linear_inputs((m,), n, k, r, bayes, "softplus", device=device)
         op, geometry = bk.bayes_lora_linear, {}
     else:
         inputs = conv_inputs(CONV_CASES[0], bayes, device=device, channels=(24, 24), size=3)
@@ -288,6 +297,52 @@ def test_saves_nothing_weight_or_output_sized(backend, estimator, bayes, layer):
     assert kept == [1, rank_numel] + [rank_numel] * (bayes == "A" and estimator == "lrt")  # seed, h (, t's std)
     (y.sum() + kl).backward()  # and backward still works from what was kept
     assert all(t.grad is not None for t in (x, lora_a, lora_b, rho))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@pytest.mark.parametrize("setting, rank, dtype, fused", [
+    (None, 64, torch.bfloat16, True), (None, 65, torch.bfloat16, False), (None, LARGE_RANK, torch.float16, False),
+    (None, 4, torch.float32, False), ("fused", 4, torch.float32, True), ("fused", 65, torch.bfloat16, False),
+    ("composition", 4, torch.bfloat16, False), ("auto", 16, torch.float16, True),
+])
+def test_triton_lora_variant_follows_the_rank_the_dtype_and_the_setting(monkeypatch, setting, rank, dtype, fused):
+    """BNN_TRITON_LORA=auto (the default) fuses 16-bit x up to FUSED_MAX_RANK; fused adds float32; composition never
+    fuses; no setting fuses above FUSED_MAX_RANK.  Backward takes the path forward took."""
+    from bnn_kernels.triton import lora as triton_lora
+    if setting is None:
+        monkeypatch.delenv("BNN_TRITON_LORA", raising=False)
+    else:
+        monkeypatch.setenv("BNN_TRITON_LORA", setting)
+    launches = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    for name in ("_lora_fwd_kernel", "_lora_rank_grad_kernel", "_lora_dx_kernel"):
+        monkeypatch.setattr(triton_lora, name, Recording(getattr(triton_lora, name)))
+    x, weight, bias, lora_a, lora_b, rho = linear_inputs((3,), 9, 16, rank, "B", "softplus",
+                                                         (dtype, dtype, torch.float32), device_for("triton"))
+    lora_b.requires_grad_()
+    x.requires_grad_()
+    with bk.use_backend("triton"):
+        y, kl = bk.bayes_lora_linear(x, weight, bias, lora_a, lora_b, rho, scale=1.0, bayes="B", seed=3)
+        (y.float().sum() + kl).backward()
+    assert triton_lora.lora_variant(rank, dtype) == ("fused" if fused else "composition")
+    assert len(launches) == (3 if fused else 0), launches
+    assert torch.isfinite(x.grad.float()).all() and torch.isfinite(lora_b.grad).all()
+
+
+def test_a_bad_triton_lora_setting_is_refused(monkeypatch):
+    pytest.importorskip("triton")
+    from bnn_kernels.triton import lora as triton_lora
+    monkeypatch.setenv("BNN_TRITON_LORA", "always")
+    with pytest.raises(ValueError, match="BNN_TRITON_LORA must be one of"):
+        triton_lora.lora_variant(4, torch.bfloat16)
 
 
 def test_the_check_catches_a_materialising_lora_layer():

@@ -1,9 +1,15 @@
-"""Every Triton kernel compiles for sm_90 (H100/H200) with the real Triton compiler, no GPU needed.
+"""Every Triton kernel compiles for sm_90 (H100/H200) and sm_86 (RTX 30xx) with the real Triton compiler, no GPU
+needed, and its first autotune config fits the shared memory a block has there.
 
 The interpreter that runs the other triton-backend tests on CPU never lowers a kernel: type errors, layouts that
-do not fit, tl.dot shapes below 16 only show when ptxas runs.  ``benchmarks/sm90_compile.py`` calls every launcher
-of the backend inside ``bnn_kernels.triton.aot.capture`` (first autotune config, every dtype; both flag sets in
-bfloat16, the paper presets' in the others) in a fresh process without TRITON_INTERPRET.
+do not fit, tl.dot shapes below 16 only show when ptxas runs, and a config that needs more shared memory than the
+GPU gives a block only fails at launch.  ``benchmarks/sm90_compile.py`` calls every launcher of the backend inside
+``bnn_kernels.triton.aot.capture`` (first autotune config) in a fresh process without TRITON_INTERPRET: for sm_90
+in every dtype (both flag sets in bfloat16, the paper presets' in the others); for sm_86, whose 99 KiB per block
+is the least of the GPUs the kernels target (RTX 40xx and 50xx have the same), in every dtype with the paper
+presets' flags (their prior-mean tile makes them the larger kernels) and the LoRA kernels at rank 4 and at the
+largest fused rank.  The first config is what a run with BNN_TRITON_AUTOTUNE=0 launches, and what guarantees the
+autotuner, which drops the configs that do not fit, one config to keep.
 """
 from __future__ import annotations
 
@@ -22,12 +28,18 @@ triton = pytest.importorskip("triton")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "sm90_compile.py"
 KERNEL_MODULES = ("conv", "kl", "linear", "lora", "philox", "sample")
-RUNS = (["--dtypes", "bfloat16", "--flag-sets", "all"], ["--dtypes", "float32", "float16", "--flag-sets", "paper"])
+FUSED_MAX_RANK = importlib.import_module("bnn_kernels.triton.lora").FUSED_MAX_RANK
+RUNS = (
+    (90, ["--dtypes", "bfloat16", "--flag-sets", "all"]),
+    (90, ["--dtypes", "float32", "float16", "--flag-sets", "paper"]),
+    (86, ["--dtypes", "float32", "bfloat16", "float16", "--flag-sets", "paper",
+          "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
+)
 
 
-def _compile(tmp_path, index, extra):
-    out = tmp_path / f"sm90-{index}.json"
-    command = [sys.executable, str(SCRIPT), "--configs", "first", "--json", str(out), *extra]
+def _compile(tmp_path, index, arch, extra):
+    out = tmp_path / f"sm{arch}-{index}.json"
+    command = [sys.executable, str(SCRIPT), "--arch", str(arch), "--configs", "first", "--json", str(out), *extra]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 0, f"sm90_compile.py {extra} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
@@ -37,7 +49,7 @@ def _compile(tmp_path, index, extra):
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sm90")
-    results = [_compile(tmp_path, index, extra) for index, extra in enumerate(RUNS)]
+    results = [_compile(tmp_path, index, arch, extra) for index, (arch, extra) in enumerate(RUNS)]
     return results, [record for result in results for record in result["records"]]
 
 
@@ -57,10 +69,23 @@ def _kernels():
 
 def test_environment_is_recorded(compiled):
     results, _ = compiled
-    for result in results:
+    for result, (arch, _) in zip(results, RUNS):
         assert result["environment"]["triton"] == triton.__version__
-        assert result["environment"]["target"] == "cuda sm_90"
+        assert result["environment"]["target"] == f"cuda sm_{arch}"
+        assert result["environment"]["shared_memory_per_block"] == {90: 227, 86: 99}[arch] * 1024
         assert result["settings"]["configs"] == "first"
+
+
+def test_first_configs_fit_the_shared_memory_of_a_block(compiled):
+    """On sm_90 and on sm_86 (RTX 30xx; 40xx and 50xx have the same 99 KiB), LoRA kernels at the largest fused rank
+    included."""
+    results, _ = compiled
+    for result in results:
+        limit = result["environment"]["shared_memory_per_block"]
+        over = [(r["kernel"], r["case"], r["shared_bytes"]) for r in result["records"] if r["shared_bytes"] > limit]
+        assert not over, f"{result['environment']['target']}: first configs over {limit} B of shared memory: {over}"
+    sm86 = results[-1]["records"]
+    assert {f"R{FUSED_MAX_RANK}", "R16"} <= {f"R{r['constexprs']['R']}" for r in sm86 if "R" in r["constexprs"]}
 
 
 def test_every_kernel_compiles_to_a_cubin(compiled):

@@ -35,6 +35,13 @@ from triton.runtime.jit import JITFunction
 from .common import INTERPRET
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+# The shared memory one block may use (the opt-in maximum), by compute capability x10, from the CUDA C++
+# Programming Guide's table of technical specifications: A100 80, RTX 30xx 86, RTX 40xx 89, H100/H200 90, B200 100,
+# RTX 50xx 120.  A launch above it raises OutOfResources: Triton's autotuner drops such a config, but a kernel run
+# with a single config (BNN_TRITON_AUTOTUNE=0) fails.
+SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                           100: 227 * 1024, 120: 99 * 1024}
 _SASS_TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA)(\.\w+)*\b")
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 

@@ -27,9 +27,13 @@ output-sized.  Backward allocates dh (M x r) and, for lrt "B" only, u (M x N, fl
 
 The conv LoRA runs the reference composition (bnn_kernels.reference) on torch's convolutions (cuDNN, in x's dtype)
 with this backend's Philox kernel: the base conv is cuDNN's, the low-rank path adds a conv with r output channels
-and a 1x1 conv.
+and a 1x1 conv.  So does the linear LoRA (on cuBLAS) at padded ranks above FUSED_MAX_RANK and for float32 x, where
+the fused kernels' tiles no longer fit the registers nor the 99 KiB of shared memory of a consumer GPU
+(``lora_variant``, BNN_TRITON_LORA).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -44,6 +48,9 @@ from .sample import _weight_grad, reparam_weight_grads, sample_weight, sigma_squ
 
 GROUP = tl.constexpr(8)
 MIN_DOT_RANK = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
+FUSED_MAX_RANK = 64  # the largest padded rank of the fused kernels (``lora_variant``)
+LORA_ENV = "BNN_TRITON_LORA"
+LORA_VARIANTS = ("fused", "composition")
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the forward holds the (BM, BN) base accumulator and a
 # (BM, R) rank accumulator; dx tiles M x K and loops over N.
@@ -63,6 +70,24 @@ _FLAGS = ("BAYES_A", "LRT")
 
 def padded_rank(rank: int) -> int:
     return max(MIN_DOT_RANK, triton.next_power_of_2(rank))
+
+
+def lora_variant(rank: int, x_dtype: torch.dtype) -> str:
+    """``"fused"`` (the kernels below) or ``"composition"`` (the reference formulas on cuBLAS with this backend's
+    noise): the variant a linear LoRA call runs, per BNN_TRITON_LORA (read at every call).
+
+    ``auto`` (the default) fuses 16-bit x at padded ranks up to FUSED_MAX_RANK.  Above it the (BLOCK_M x R)
+    accumulators and R-wide tiles spill registers and need more shared memory than a consumer GPU gives a block;
+    float32 x doubles every tile's bytes, and the first configs (tuned for 16-bit operands) spill 12-58 KB on sm_90
+    and do not fit the 99 KiB of an RTX 30xx/40xx at any rank (benchmarks/NOTES.md, "Shared memory on consumer
+    GPUs").  ``fused`` fuses every dtype up to FUSED_MAX_RANK; ``composition`` never fuses.
+    """
+    choice = os.environ.get(LORA_ENV, "auto").strip().lower() or "auto"
+    if choice not in (*LORA_VARIANTS, "auto"):
+        raise ValueError(f"{LORA_ENV} must be one of 'fused', 'composition', 'auto', got {choice!r}")
+    if choice == "composition" or padded_rank(rank) > FUSED_MAX_RANK:
+        return "composition"
+    return "fused" if choice == "fused" or x_dtype.itemsize == 2 else "composition"
 
 
 @triton.jit
@@ -288,14 +313,20 @@ def _flags(bayes, estimator, x_dtype):
 
 
 def _factor_operands(x, lora_a, lora_b, rho, seed, bayes, prior_sigma, sigma_param, estimator, with_kl):
-    """(A operand, B operand, sigma^2 or None, kl or None): one small elementwise pass over the Bayesian factor
-    (sample.py), KL fused.  reparam: the factor sample in x's dtype replaces the factor; lrt: sigma^2 in float32.
-    Transient: r x K or N x r elements, dropped after the call (backward draws them again from the seed)."""
+    """(A operand, B operand, sigma^2 or None, kl or None), each already in the dtype its tl.dot reads: one small
+    elementwise pass over the Bayesian factor (sample.py), KL fused.  reparam: the factor sample in x's dtype
+    replaces the factor; lrt: sigma^2 in the variance dtype (float32 for float32 x, else bfloat16).  The other
+    factors are cast to x's dtype here, as the kernels would cast every tile they load: the same values, but each
+    rank-sized tile a kernel stages in shared memory takes half the bytes (a float32 A or B tile was what made the
+    large-rank configs overflow the 99 KiB of an RTX 30xx/40xx).  Transient: r x K and N x r elements, dropped after
+    the call (backward draws the sample again from the seed)."""
     factor = lora_a if bayes == "A" else lora_b
+    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     if estimator == "reparam":
         sample, kl = sample_weight(factor, rho, seed, x.dtype, sigma_param, None, prior_sigma, with_kl)
         return (sample, lora_b, None, kl) if bayes == "A" else (lora_a, sample, None, kl)
-    s2, kl = sigma_squared(factor, rho, torch.float32, sigma_param, None, prior_sigma, with_kl)
+    var_dtype = torch.float32 if var_in_float32(x.dtype) else torch.bfloat16
+    s2, kl = sigma_squared(factor, rho, var_dtype, sigma_param, None, prior_sigma, with_kl)
     return lora_a, lora_b, s2, kl
 
 
@@ -306,6 +337,10 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, pr
     if min(M, N, K) == 0:  # nothing to launch; the reference handles empty GEMMs
         return reference.lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma,
                                          sigma_param, estimator)
+    if lora_variant(r, x.dtype) == "composition":
+        y, kl, h, aux = reference.lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes,
+                                                  prior_sigma, sigma_param, estimator, **_composition(x))
+        return y, kl.float(), h.float(), aux.float()
     a_op, b_op, s2, kl = _factor_operands(x, lora_a, lora_b, rho, seed, bayes, prior_sigma, sigma_param, estimator,
                                           with_kl=True)
     flags = _flags(bayes, estimator, x.dtype)
@@ -338,6 +373,9 @@ def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, au
     if min(M, N, K) == 0:
         return reference.lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes,
                                          prior_sigma, sigma_param, estimator, need_dx)
+    if lora_variant(r, x.dtype) == "composition":
+        return reference.lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes,
+                                         prior_sigma, sigma_param, estimator, need_dx, **_composition(x))
     g = grad_y.contiguous()
     grad_kl = grad_kl.to(device=x.device, dtype=torch.float32).contiguous()
     a_op, b_op, s2, _ = _factor_operands(x, lora_a, lora_b, rho, seed, bayes, prior_sigma, sigma_param, estimator,
@@ -380,14 +418,15 @@ def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, au
     return (dx, dmean, grad_other, drho) if bayes_a else (dx, grad_other, dmean, drho)
 
 
-# --- conv: the reference composition on torch's convolutions with this backend's noise ---------------------------
+# --- the reference composition on torch's GEMMs and convolutions, with this backend's noise ----------------------
+# (the conv LoRA, and the linear above FUSED_MAX_RANK)
 
 def _noise(seed, shape, device):
     return philox_normal(seed, torch.Size(shape).numel(), 0, device).view(shape)
 
 
-def _conv_arithmetic(x):
-    """Maps in x's dtype on a GPU (cuDNN, float32 accumulation); float32 on CPU tensors (the interpreter)."""
+def _composition(x):
+    """Maps in x's dtype on a GPU (cuBLAS / cuDNN, float32 accumulation); float32 on CPU tensors (the interpreter)."""
     return dict(compute=x.dtype if x.is_cuda else None, noise=_noise)
 
 
@@ -395,7 +434,7 @@ def lora_conv2d_fwd(x, weight, bias, lora_a, lora_b, rho, seed, stride, padding,
                     sigma_param, estimator):
     y, kl, h, aux = reference.lora_conv2d_fwd(x, weight, bias, lora_a, lora_b, rho, seed, stride, padding, dilation,
                                               scale, bayes, prior_sigma, sigma_param, estimator,
-                                              **_conv_arithmetic(x))
+                                              **_composition(x))
     return y, kl.float(), h.float(), aux.float()
 
 
@@ -403,4 +442,4 @@ def lora_conv2d_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, au
                     bayes, prior_sigma, sigma_param, estimator, need_dx):
     return reference.lora_conv2d_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, stride, padding,
                                      dilation, scale, bayes, prior_sigma, sigma_param, estimator, need_dx,
-                                     **_conv_arithmetic(x))
+                                     **_composition(x))
