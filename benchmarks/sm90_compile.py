@@ -5,6 +5,7 @@ against what one block may use on that GPU.
     python benchmarks/sm90_compile.py                          # every autotune config, bfloat16, the layer ops
     python benchmarks/sm90_compile.py --configs first --dtypes float32 bfloat16 float16 --json out.json
     python benchmarks/sm90_compile.py --arch 86 --cases '^lora' --lora-ranks 16 64   # RTX 30xx, the LoRA kernels
+    python benchmarks/sm90_compile.py --arch 86 --cases '^lora' --lora-ranks 128 --fused-max-rank 128  # what-if
 
 Each launcher of the triton backend is called on CPU tensors inside ``bnn_kernels.triton.aot.capture``: its kernel
 launches compile (nothing runs; the outputs stay unwritten) with the signature, constexprs and alignment a launch
@@ -208,8 +209,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora-ranks", nargs="+", type=int, default=[4], help="LoRA ranks of the lora cases")
     parser.add_argument("--cases", default="", help="only the cases whose label matches this regular expression, "
                                                    "e.g. '^lora' (default: every case)")
+    parser.add_argument("--lora-variant", choices=["auto", "fused"], default="auto",
+                        help="BNN_TRITON_LORA for the lora cases: what the library runs, or the fused kernels in every "
+                             "dtype")
+    parser.add_argument("--fused-max-rank", type=int, default=None,
+                        help="what-if: fuse the LoRA kernels up to this padded rank instead of FUSED_MAX_RANK")
     parser.add_argument("--json", default=None, help="write every record here")
     args = parser.parse_args(argv)
+    os.environ[backend.lora.LORA_ENV] = args.lora_variant
+    if args.fused_max_rank is not None:
+        backend.lora.FUSED_MAX_RANK = args.fused_max_rank
     flag_sets = FLAG_SETS if args.flag_sets == "all" else FLAG_SETS[:1]
     records = compile_all(args.dtypes, args.configs, args.arch, flag_sets, tuple(args.lora_ranks), args.cases)
     print_table(records)
@@ -227,7 +236,8 @@ def main(argv=None) -> dict:
                               "ptxas": aot.ptxas_version(args.arch), "target": f"cuda sm_{args.arch}",
                               "shared_memory_per_block": limit},
               "settings": {"configs": args.configs, "dtypes": args.dtypes, "flag_sets": args.flag_sets,
-                           "lora_ranks": args.lora_ranks, "cases": args.cases},
+                           "lora_ranks": args.lora_ranks, "cases": args.cases, "lora_variant": args.lora_variant,
+                           "fused_max_rank": backend.lora.FUSED_MAX_RANK},
               "kernels": summary, "records": records}
     if args.json:
         with open(args.json, "w") as handle:
