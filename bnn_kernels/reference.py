@@ -302,8 +302,8 @@ def bayes_lora_conv2d_materialised(x, weight, bias, lora_a, lora_b, rho, seed, s
 # accumulation); the elementwise work runs in the rank dtype.  ``h`` is the rank-space activation the up map consumed:
 # down(x; A) for bayes "B", down(x; A sample) for reparam "A", the sampled t for lrt "A"; ``aux`` is t's standard
 # deviation for lrt "A" and empty otherwise.  ``noise(seed, shape)`` draws the Philox normals (float32).  The triton
-# backend runs the conv, and the linear at ranks above its fused kernels', through the same code with compute = x's
-# dtype (cuDNN / cuBLAS) and its own noise kernel.
+# backend runs the conv, and the linear where it does not fuse (float32 x, ranks above 64: triton/lora.py's
+# ``lora_variant``), through the same code with compute = x's dtype (cuDNN / cuBLAS) and its own noise kernel.
 
 def reference_noise(seed, shape, device):
     return philox_normal_reference(seed, torch.Size(shape).numel(), 0, device).view(shape)

@@ -419,7 +419,7 @@ def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, au
 
 
 # --- the reference composition on torch's GEMMs and convolutions, with this backend's noise ----------------------
-# (the conv LoRA, and the linear above FUSED_MAX_RANK)
+# (the conv LoRA, and the linear where ``lora_variant`` says "composition")
 
 def _noise(seed, shape, device):
     return philox_normal(seed, torch.Size(shape).numel(), 0, device).view(shape)
