@@ -212,10 +212,11 @@ def test_lora_file_loads_into_the_pipeline(tiny_sd, tmp_path, preset, extra):
     _generates(pipeline)
 
 
-@pytest.mark.parametrize("preset", ["none", "paper-dreambooth"])
-def test_difffit_merges_into_a_plain_unet(tiny_sd, tmp_path, preset):
+@pytest.mark.parametrize("preset, extra", [("none", ()), ("paper-dreambooth", ()),
+                                           ("paper-dreambooth", ("--prior_dtype", "bf16"))])
+def test_difffit_merges_into_a_plain_unet(tiny_sd, tmp_path, preset, extra):
     output_dir = tmp_path / "out"
-    result = _run(tiny_sd, output_dir, "--method", "difffit", "--preset", preset, "--learning_rate", "1e-2")
+    result = _run(tiny_sd, output_dir, "--method", "difffit", "--preset", preset, "--learning_rate", "1e-2", *extra)
     _assert_records(_records(output_dir), 2, bayesian=preset != "none")
     reloaded = UNet2DConditionModel.from_pretrained(output_dir / "unet")
     assert type(reloaded.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2]) is torch.nn.Linear
@@ -299,12 +300,32 @@ def test_clear_errors(tiny_sd, tmp_path, capsys):
             trainer.main(_argv(tiny_sd, tmp_path / "out", *extra))
         AcceleratorState._reset_state(reset_partial_state=True)
     usage = [["--method", "lora", "--preset", "paper-dreambooth"], ["--preset", "none", "--kl_weight", "1"],
-             ["--with_prior_preservation"], ["--max_train_steps", "0"], ["--cep_gamma", "-1"]]
+             ["--with_prior_preservation"], ["--max_train_steps", "0"], ["--cep_gamma", "-1"],
+             ["--method", "lora", "--prior_dtype", "bf16"], ["--preset", "none", "--prior_dtype", "fp16"]]
     for extra in usage:
         with pytest.raises(SystemExit) as exit_info:
             trainer.main(_argv(tiny_sd, tmp_path / "out", *extra))
         assert exit_info.value.code == 2, extra
     assert "--preset paper-dreambooth makes full Bayesian layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prior_dtype, stored", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                                 ("fp16", torch.float16)])
+def test_prior_dtype_is_the_dtype_of_the_stored_prior_means(tiny_sd, prior_dtype, stored):
+    """fp32 shares the pretrained weights' storage; bf16/fp16 keep them rounded at half the bytes; mu stays
+    float32 at the pretrained values either way."""
+    args = trainer.parse_args(_argv(tiny_sd, "unused", "--preset", "paper-dreambooth", "--prior_dtype", prior_dtype))
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd[0] / "unet")
+    pretrained = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    names = trainer.prepare_unet(unet, args)
+    assert names
+    for name in names:
+        layer = unet.get_submodule(name)
+        weight = pretrained[name + ".weight"]
+        assert layer.prior_mu.dtype == stored and layer.prior_mu.nbytes == weight.nbytes * stored.itemsize // 4
+        torch.testing.assert_close(layer.prior_mu, weight.to(stored), rtol=0, atol=0)
+        torch.testing.assert_close(layer.weight_mu.detach(), weight, rtol=0, atol=0)
+        assert torch.isfinite(layer.kl())
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(full_run, tiny_sd, tmp_path):
