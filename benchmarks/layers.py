@@ -42,20 +42,22 @@ def paper_style_linear(x, mu, rho, bias, prior_mu, prior_sigma=0.01):
 
 
 @contextlib.contextmanager
-def triton_reparam_variant(variant):
-    """Run the triton backend's reparam estimator as ``variant`` (BNN_TRITON_REPARAM); None leaves the choice alone."""
-    if variant is None:
+def triton_variant(setting):
+    """Run the triton backend with ``setting`` = (environment variable, variant), e.g. ("BNN_TRITON_REPARAM",
+    "transient"); None leaves the choice alone."""
+    if setting is None:
         yield
         return
-    before = os.environ.get("BNN_TRITON_REPARAM")
-    os.environ["BNN_TRITON_REPARAM"] = variant
+    env, variant = setting
+    before = os.environ.get(env)
+    os.environ[env] = variant
     try:
         yield
     finally:
         if before is None:
-            del os.environ["BNN_TRITON_REPARAM"]
+            del os.environ[env]
         else:
-            os.environ["BNN_TRITON_REPARAM"] = before
+            os.environ[env] = before
 
 
 def fused_linear(estimator):
@@ -74,11 +76,16 @@ VARIANTS = {
     "paper-style": paper_style_linear,
     "fused-reparam": fused_linear("reparam"),
     "fused-lrt": fused_linear("lrt"),
-    # the triton backend's two reparam variants, forced (fused-reparam above runs whichever "auto" picks)
+    # the triton backend's variants, forced (fused-reparam / fused-lrt above run whichever "auto" picks)
     "reparam-ingemm": fused_linear("reparam"),
     "reparam-transient": fused_linear("reparam"),
+    "lrt-ingemm": fused_linear("lrt"),
+    "lrt-composition": fused_linear("lrt"),
 }
-FORCED_TRITON_REPARAM = {"reparam-ingemm": "fused", "reparam-transient": "transient"}
+FORCED_TRITON_VARIANTS = {"reparam-ingemm": ("BNN_TRITON_REPARAM", "fused"),
+                          "reparam-transient": ("BNN_TRITON_REPARAM", "transient"),
+                          "lrt-ingemm": ("BNN_TRITON_LRT", "fused"),
+                          "lrt-composition": ("BNN_TRITON_LRT", "composition")}
 
 
 def make_layer(m, n, k, dtype, device):
@@ -94,7 +101,7 @@ def make_layer(m, n, k, dtype, device):
 def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y, variants=VARIANTS):
     """One training step of the layer ``variants[variant]``: forward, backward through y and the KL; gradients are
     reset.  ``variants``: VARIANTS (linear) or CONV_VARIANTS."""
-    with triton_reparam_variant(FORCED_TRITON_REPARAM.get(variant)):
+    with triton_variant(FORCED_TRITON_VARIANTS.get(variant)):
         y, kl = variants[variant](x, mu, rho, bias, prior_mu)
         outputs, grads = [y], [grad_y]
         if kl is not None:
@@ -107,7 +114,7 @@ def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y, variants=VARIA
 
 def saved_bytes(variant, x, mu, rho, bias, prior_mu, variants=VARIANTS) -> int:
     """Bytes of the tensors autograd saves for backward that are not inputs of the layer ``variants[variant]``."""
-    with triton_reparam_variant(FORCED_TRITON_REPARAM.get(variant)):
+    with triton_variant(FORCED_TRITON_VARIANTS.get(variant)):
         return bytes_saved_for_backward(lambda: variants[variant](x, mu, rho, bias, prior_mu),
                                         (x, mu, rho, bias, prior_mu))
 

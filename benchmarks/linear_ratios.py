@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bnn_kernels as bk  # noqa: E402
-from layers import (CPU_LINEAR_SHAPES, FORCED_TRITON_REPARAM, SD15_LINEAR_SHAPES, forward_backward,  # noqa: E402
+from layers import (CPU_LINEAR_SHAPES, FORCED_TRITON_VARIANTS, SD15_LINEAR_SHAPES, forward_backward,  # noqa: E402
                     make_layer, saved_bytes)
 from ratios import Case, run_ratio_table  # noqa: E402
 
@@ -28,13 +28,13 @@ RATIOS = {  # name: (numerator, denominator); the forced triton variants only wh
     "lrt_over_linear": ("fused-lrt", "F.linear"),
     "paper_over_reparam": ("paper-style", "fused-reparam"),
     "paper_over_lrt": ("paper-style", "fused-lrt"),
-    **{f"{variant}_over_linear": (variant, "F.linear") for variant in FORCED_TRITON_REPARAM},
+    **{f"{variant}_over_linear": (variant, "F.linear") for variant in FORCED_TRITON_VARIANTS},
 }
 
 
 def variants(device: torch.device) -> list:
-    # on a GPU (the triton backend) both reparam variants are also timed on their own
-    return BASE_VARIANTS + (list(FORCED_TRITON_REPARAM) if bk.registry.select(device) == "triton" else [])
+    # on a GPU (the triton backend) each forced reparam and lrt variant is also timed on its own
+    return BASE_VARIANTS + (list(FORCED_TRITON_VARIANTS) if bk.registry.select(device) == "triton" else [])
 
 
 def make_case(shape, dtype, device) -> Case:

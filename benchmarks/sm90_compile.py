@@ -6,6 +6,7 @@ against what one block may use on that GPU.
     python benchmarks/sm90_compile.py --configs first --dtypes float32 bfloat16 float16 --json out.json
     python benchmarks/sm90_compile.py --arch 86 --cases '^lora' --lora-ranks 16 64   # RTX 30xx, the LoRA kernels
     python benchmarks/sm90_compile.py --arch 86 --cases '^lora' --lora-ranks 128 --fused-max-rank 128  # what-if
+    python benchmarks/sm90_compile.py --arch 75 --variants auto --dtypes float16   # what a T4 runs
 
 Each launcher of the triton backend is called on CPU tensors inside ``bnn_kernels.triton.aot.capture``: its kernel
 launches compile (nothing runs; the outputs stay unwritten) with the signature, constexprs and alignment a launch
@@ -60,7 +61,7 @@ def _posterior(shape, has_prior):
 
 def _linear(dtype, estimator, variant, has_bias, has_prior, sigma_param, m=512, n=1280, k=320):
     def run():
-        os.environ[backend.linear.REPARAM_ENV] = variant
+        os.environ[backend.linear.REPARAM_ENV if estimator == "reparam" else backend.linear.LRT_ENV] = variant
         x = torch.randn(m, k, dtype=dtype)
         mu, rho, prior = _posterior((n, k), has_prior)
         bias = torch.randn(n) if has_bias else None
@@ -105,16 +106,22 @@ def _kl_and_noise(has_prior, sigma_param):
     return run
 
 
-def cases(dtypes: List[str], flag_sets=FLAG_SETS, lora_ranks=(4,)) -> Iterator[Case]:
-    """Every launcher, estimator and reparam variant, per dtype and flag set; the LoRA ops at each rank."""
+# (estimator, variant) of the linear cases: each variant forced, or what the library picks on the target ("auto")
+LINEAR_VARIANTS = {"every": (("reparam", "fused"), ("reparam", "transient"), ("lrt", "fused"), ("lrt", "composition")),
+                   "auto": (("reparam", "auto"), ("lrt", "auto"))}
+
+
+def cases(dtypes: List[str], flag_sets=FLAG_SETS, lora_ranks=(4,), variants="every") -> Iterator[Case]:
+    """Every launcher and estimator (and each linear variant, or the library's pick), per dtype and flag set; the
+    LoRA ops at each rank."""
     for has_prior, sigma_param in sorted({(prior, sigma) for _, prior, sigma in flag_sets}):
         yield Case(f"kl+philox prior={has_prior} {sigma_param}", _kl_and_noise(has_prior, sigma_param))
     for name in dtypes:
         dtype = DTYPES[name]
         for has_bias, has_prior, sigma_param in flag_sets:
             flags = f"{name} bias={has_bias} prior={has_prior} {sigma_param}"
-            for estimator, variant in (("reparam", "fused"), ("reparam", "transient"), ("lrt", "fused")):
-                label = f"linear {estimator}" + (f"/{variant}" if estimator == "reparam" else "")
+            for estimator, variant in LINEAR_VARIANTS[variants]:
+                label = f"linear {estimator}/{variant}"
                 yield Case(f"{label} {flags}", _linear(dtype, estimator, variant, has_bias, has_prior, sigma_param))
             for estimator in ("reparam", "lrt"):
                 yield Case(f"conv {estimator} {flags}", _conv(dtype, estimator, has_bias, has_prior, sigma_param))
@@ -125,13 +132,14 @@ def cases(dtypes: List[str], flag_sets=FLAG_SETS, lora_ranks=(4,)) -> Iterator[C
 
 
 def compile_all(dtypes: List[str], configs: str, arch: int, flag_sets=FLAG_SETS, lora_ranks=(4,),
-                case_pattern: str = "") -> List[dict]:
+                case_pattern: str = "", variants: str = "every") -> List[dict]:
     """Run every case (those whose label matches ``case_pattern``, a regular expression) inside ``aot.capture``; one
     record per compiled (kernel, specialisation, config)."""
     records, seen = [], set()
-    saved_variant = os.environ.get(backend.linear.REPARAM_ENV)
+    variant_envs = (backend.linear.REPARAM_ENV, backend.linear.LRT_ENV)
+    saved = {env: os.environ.get(env) for env in variant_envs}
     try:
-        for case in cases(dtypes, flag_sets, lora_ranks):
+        for case in cases(dtypes, flag_sets, lora_ranks, variants):
             if not re.search(case_pattern, case.label):
                 continue
             with aot.capture(arch=arch, autotune_configs=configs) as launches:
@@ -146,10 +154,11 @@ def compile_all(dtypes: List[str], configs: str, arch: int, flag_sets=FLAG_SETS,
                 record["fits_shared_memory"] = record["shared_bytes"] <= aot.SHARED_MEMORY_PER_BLOCK[arch]
                 records.append(record)
     finally:
-        if saved_variant is None:
-            os.environ.pop(backend.linear.REPARAM_ENV, None)
-        else:
-            os.environ[backend.linear.REPARAM_ENV] = saved_variant
+        for env, value in saved.items():
+            if value is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = value
     return records
 
 
@@ -199,7 +208,8 @@ def kernel_summary(records: List[dict]) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(aot.SHARED_MEMORY_PER_BLOCK),
-                        help="CUDA compute capability x10 (90: H100/H200; 86, 89, 120: RTX 30xx, 40xx, 50xx)")
+                        help="CUDA compute capability x10 (90: H100/H200; 86, 89, 120: RTX 30xx, 40xx, 50xx; 75: T4, "
+                             "RTX 20xx)")
     parser.add_argument("--configs", choices=["all", "first"], default="all",
                         help="autotuned kernels: every config, or only the first")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bfloat16"])
@@ -209,6 +219,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora-ranks", nargs="+", type=int, default=[4], help="LoRA ranks of the lora cases")
     parser.add_argument("--cases", default="", help="only the cases whose label matches this regular expression, "
                                                    "e.g. '^lora' (default: every case)")
+    parser.add_argument("--variants", choices=sorted(LINEAR_VARIANTS), default="every",
+                        help="linear cases: each reparam and lrt variant forced, or what the library picks on this "
+                             "arch (auto: e.g. cuBLAS below sm_80)")
     parser.add_argument("--lora-variant", choices=["auto", "fused"], default="auto",
                         help="BNN_TRITON_LORA for the lora cases: what the library runs, or the fused kernels in every "
                              "dtype")
@@ -220,7 +233,8 @@ def main(argv=None) -> dict:
     if args.fused_max_rank is not None:
         backend.lora.FUSED_MAX_RANK = args.fused_max_rank
     flag_sets = FLAG_SETS if args.flag_sets == "all" else FLAG_SETS[:1]
-    records = compile_all(args.dtypes, args.configs, args.arch, flag_sets, tuple(args.lora_ranks), args.cases)
+    records = compile_all(args.dtypes, args.configs, args.arch, flag_sets, tuple(args.lora_ranks), args.cases,
+                          args.variants)
     print_table(records)
     summary = kernel_summary(records)
     limit = aot.SHARED_MEMORY_PER_BLOCK[args.arch]
@@ -236,7 +250,8 @@ def main(argv=None) -> dict:
                               "ptxas": aot.ptxas_version(args.arch), "target": f"cuda sm_{args.arch}",
                               "shared_memory_per_block": limit},
               "settings": {"configs": args.configs, "dtypes": args.dtypes, "flag_sets": args.flag_sets,
-                           "lora_ranks": args.lora_ranks, "cases": args.cases, "lora_variant": args.lora_variant,
+                           "lora_ranks": args.lora_ranks, "cases": args.cases, "variants": args.variants,
+                           "lora_variant": args.lora_variant,
                            "fused_max_rank": backend.lora.FUSED_MAX_RANK},
               "kernels": summary, "records": records}
     if args.json:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bnn_kernels as bk
-from layers import (CPU_LINEAR_SHAPES, DEVICE, DTYPE, FORCED_TRITON_REPARAM, ON_GPU, SD15_LINEAR_SHAPES,
+from layers import (CPU_LINEAR_SHAPES, DEVICE, DTYPE, FORCED_TRITON_VARIANTS, ON_GPU, SD15_LINEAR_SHAPES,
                     forward_backward, make_layer)
 
 SHAPES = SD15_LINEAR_SHAPES if ON_GPU else CPU_LINEAR_SHAPES
@@ -41,7 +41,7 @@ def test_gaussian_kl_forward_backward(benchmark, timed, backend):
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=str)
 @pytest.mark.parametrize("variant", ["F.linear", "paper-style", "fused-reparam", "fused-lrt",
-                                     *(FORCED_TRITON_REPARAM if "triton" in BACKENDS else ())])
+                                     *(FORCED_TRITON_VARIANTS if "triton" in BACKENDS else ())])
 def test_linear_forward_backward(benchmark, timed, shape, variant):
     m, n, k = SHAPES[shape]
     layer = make_layer(m, n, k, DTYPE, DEVICE)

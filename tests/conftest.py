@@ -20,16 +20,15 @@ def _fixed_torch_seed():
 def backend(request, monkeypatch):
     """The backend name of an indirect "backend" parameter from helpers.BACKEND_VARIANTS or LORA_BACKENDS.
 
-    "triton:fused" and "triton:transient" also set BNN_TRITON_REPARAM for the test (undone afterwards).  The
-    variant concerns only the reparam estimator: a test parametrised with estimator="lrt" runs once, as "fused".
-    "triton:lora-fused" sets BNN_TRITON_LORA=fused.
+    "triton:fused" sets BNN_TRITON_REPARAM=fused and BNN_TRITON_LRT=fused for the test (undone afterwards);
+    "triton:maps" the variants whose GEMMs are torch's (cuBLAS on a GPU): BNN_TRITON_REPARAM=transient,
+    BNN_TRITON_LRT=composition.  "triton:lora-fused" sets BNN_TRITON_LORA=fused.
     """
     name, _, variant = request.param.partition(":")
     if variant.startswith("lora-"):
         monkeypatch.setenv("BNN_TRITON_LORA", variant[len("lora-"):])
     elif variant:
-        params = request.node.callspec.params
-        if variant != "fused" and params.get("estimator") == "lrt":
-            pytest.skip("the reparam variant does not change the lrt estimator")
-        monkeypatch.setenv("BNN_TRITON_REPARAM", variant)
+        fused = variant == "fused"
+        monkeypatch.setenv("BNN_TRITON_REPARAM", "fused" if fused else "transient")
+        monkeypatch.setenv("BNN_TRITON_LRT", "fused" if fused else "composition")
     return name

@@ -18,9 +18,10 @@ def device_for(backend: str) -> torch.device:
 
 
 BACKENDS = bk.backends()
-# The linear-layer tests run the triton backend once per reparam variant (BNN_TRITON_REPARAM); parametrise
-# "backend" over these with indirect=True: the conftest fixture sets the variant and hands the test the name.
-BACKEND_VARIANTS = [v for b in BACKENDS for v in ((f"{b}:fused", f"{b}:transient") if b == "triton" else (b,))]
+# The linear-layer tests run the triton backend twice: its fused kernels, and the variants on torch's maps (reparam
+# "transient", lrt "composition"; BNN_TRITON_REPARAM / BNN_TRITON_LRT); parametrise "backend" over these with
+# indirect=True: the conftest fixture sets the variants and hands the test the name.
+BACKEND_VARIANTS = [v for b in BACKENDS for v in ((f"{b}:fused", f"{b}:maps") if b == "triton" else (b,))]
 # The linear LoRA tests: plain "triton" runs BNN_TRITON_LORA=auto (float32 x and large ranks take the composition),
 # "triton:lora-fused" the fused kernels wherever they hold the rank, float32 included (indirect=True as above).
 LORA_BACKENDS = BACKENDS + (["triton:lora-fused"] if "triton" in BACKENDS else [])

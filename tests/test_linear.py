@@ -157,7 +157,7 @@ def test_gradcheck_float64(backend, estimator, sigma_param):
         assert torch.autograd.gradcheck(layer, (x, mu, rho, bias))
 
 
-# --- the triton backend's two reparam variants, chosen by BNN_TRITON_REPARAM -------------------------------------
+# --- the triton backend's variants: BNN_TRITON_REPARAM, BNN_TRITON_LRT, and the GPU's tensor cores ---------------
 
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton needs a GPU or TRITON_INTERPRET=1")
 
@@ -192,3 +192,54 @@ def test_triton_runs_the_reparam_variant_it_selects(monkeypatch, setting, rows, 
     inputs = make_inputs((m,), 6, 16, torch.float32, torch.float32, device_for("triton"), "softplus")
     check_against_oracle("triton", *inputs, 21, "softplus", "reparam")
     assert calls == (["transient_linear_fwd", "transient_linear_bwd"] if expected == "transient" else [])
+
+
+@needs_triton
+def test_triton_lrt_variant_follows_the_env_var_and_the_gpu(monkeypatch):
+    from bnn_kernels.triton import common, linear
+    monkeypatch.delenv("BNN_TRITON_LRT", raising=False)  # default: auto
+    assert common.compute_capability(torch.device("cpu")) is None and linear.lrt_variant() == "fused"
+    for arch, expected in ((75, "composition"), (80, "fused"), (90, "fused")):
+        monkeypatch.setattr(common, "_capture_arch", arch)  # as inside aot.capture(arch=...)
+        assert linear.lrt_variant() == expected, arch
+    monkeypatch.setattr(common, "_capture_arch", 75)
+    monkeypatch.setenv("BNN_TRITON_LRT", "fused")  # a forced variant holds on any GPU
+    assert linear.lrt_variant() == "fused"
+    monkeypatch.setattr(common, "_capture_arch", 90)
+    monkeypatch.setenv("BNN_TRITON_LRT", "composition")
+    assert linear.lrt_variant() == "composition"
+    monkeypatch.setenv("BNN_TRITON_LRT", "cublas")
+    with pytest.raises(ValueError, match="BNN_TRITON_LRT must be one of 'fused', 'composition', 'auto'"):
+        linear.lrt_variant()
+
+
+@needs_triton
+def test_triton_reparam_auto_takes_cublas_where_dots_have_no_tensor_cores(monkeypatch):
+    """Below sm_80 Triton lowers tl.dot to FMA loops: auto runs the transient variant even for a few rows."""
+    from bnn_kernels.triton import common, linear
+    monkeypatch.delenv("BNN_TRITON_REPARAM", raising=False)
+    monkeypatch.setattr(common, "_capture_arch", 75)
+    assert linear.reparam_variant(8) == "transient"
+    monkeypatch.setattr(common, "_capture_arch", 86)
+    assert linear.reparam_variant(8) == "fused"
+    monkeypatch.setenv("BNN_TRITON_REPARAM", "fused")
+    monkeypatch.setattr(common, "_capture_arch", 75)
+    assert linear.reparam_variant(8) == "fused"
+
+
+@needs_triton
+@pytest.mark.parametrize("setting, arch, expected", [("auto", None, "fused"), ("auto", 75, "composition"),
+                                                     ("composition", None, "composition"), ("fused", 75, "fused")])
+def test_triton_runs_the_lrt_variant_it_selects(monkeypatch, setting, arch, expected):
+    """Forward and backward take composition.py's path exactly when the variant is "composition", and match the
+    oracle either way."""
+    from bnn_kernels.triton import common, linear
+    calls = []
+    for name in ("lrt_fwd", "lrt_bwd"):
+        real = getattr(linear, name)
+        monkeypatch.setattr(linear, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+    monkeypatch.setenv("BNN_TRITON_LRT", setting)
+    monkeypatch.setattr(common, "_capture_arch", arch)
+    inputs = make_inputs((9,), 6, 16, torch.float32, torch.float32, device_for("triton"), "softplus")
+    check_against_oracle("triton", *inputs, 21, "softplus", "lrt")
+    assert calls == (["lrt_fwd", "lrt_bwd"] if expected == "composition" else [])

@@ -337,6 +337,19 @@ def test_triton_lora_variant_follows_the_rank_the_dtype_and_the_setting(monkeypa
     assert torch.isfinite(x.grad.float()).all() and torch.isfinite(lora_b.grad).all()
 
 
+def test_triton_lora_auto_composes_where_dots_have_no_tensor_cores(monkeypatch):
+    """Below sm_80 (T4, RTX 20xx) tl.dot has no tensor cores: auto runs the LoRA GEMMs on cuBLAS in every dtype."""
+    pytest.importorskip("triton")
+    from bnn_kernels.triton import common, lora as triton_lora
+    monkeypatch.delenv("BNN_TRITON_LORA", raising=False)
+    for arch, expected in ((75, "composition"), (80, "fused"), (120, "fused")):
+        monkeypatch.setattr(common, "_capture_arch", arch)
+        assert triton_lora.lora_variant(4, torch.float16) == expected, arch
+    monkeypatch.setattr(common, "_capture_arch", 75)
+    monkeypatch.setenv("BNN_TRITON_LORA", "fused")
+    assert triton_lora.lora_variant(4, torch.float16) == "fused"
+
+
 def test_a_bad_triton_lora_setting_is_refused(monkeypatch):
     pytest.importorskip("triton")
     from bnn_kernels.triton import lora as triton_lora

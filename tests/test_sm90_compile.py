@@ -1,14 +1,15 @@
 """Every Triton kernel compiles for sm_90 (H100/H200) and sm_86 (RTX 30xx) with the real Triton compiler, no GPU
-needed, and its first autotune config fits the shared memory a block has there.
+needed, and its first autotune config fits the shared memory a block has there; on sm_75 (T4, RTX 20xx) only the
+elementwise kernels launch.
 
 The interpreter that runs the other triton-backend tests on CPU never lowers a kernel: type errors, layouts that
 do not fit, tl.dot shapes below 16 only show when ptxas runs, and a config that needs more shared memory than the
 GPU gives a block only fails at launch.  ``benchmarks/sm90_compile.py`` calls every launcher of the backend inside
 ``bnn_kernels.triton.aot.capture`` (first autotune config) in a fresh process without TRITON_INTERPRET: for sm_90
 in every dtype (both flag sets in bfloat16, the paper presets' in the others); for sm_86, whose 99 KiB per block
-is the least of the GPUs the kernels target (RTX 40xx and 50xx have the same), in every dtype with the paper
+is the least of the GPUs the fused kernels run on (RTX 40xx and 50xx have the same), in every dtype with the paper
 presets' flags (their prior-mean tile makes them the larger kernels) and the LoRA kernels at rank 4 and at the
-largest fused rank.  The first config is what a run with BNN_TRITON_AUTOTUNE=0 launches, and what guarantees the
+largest fused rank; for sm_75 the variants the library picks there, in float16 and float32.  The first config is what a run with BNN_TRITON_AUTOTUNE=0 launches, and what guarantees the
 autotuner, which drops the configs that do not fit, one config to keep.
 """
 from __future__ import annotations
@@ -34,7 +35,10 @@ RUNS = (
     (90, ["--dtypes", "float32", "float16", "--flag-sets", "paper"]),
     (86, ["--dtypes", "float32", "bfloat16", "float16", "--flag-sets", "paper",
           "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
+    # T4 / RTX 20xx: what the library launches there (its tl.dot has no tensor cores: the GEMMs go to cuBLAS)
+    (75, ["--variants", "auto", "--dtypes", "float16", "float32", "--flag-sets", "paper"]),
 )
+SHARED_KIB = {90: 227, 86: 99, 75: 64}
 
 
 def _compile(tmp_path, index, arch, extra):
@@ -72,19 +76,19 @@ def test_environment_is_recorded(compiled):
     for result, (arch, _) in zip(results, RUNS):
         assert result["environment"]["triton"] == triton.__version__
         assert result["environment"]["target"] == f"cuda sm_{arch}"
-        assert result["environment"]["shared_memory_per_block"] == {90: 227, 86: 99}[arch] * 1024
+        assert result["environment"]["shared_memory_per_block"] == SHARED_KIB[arch] * 1024
         assert result["settings"]["configs"] == "first"
 
 
 def test_first_configs_fit_the_shared_memory_of_a_block(compiled):
-    """On sm_90 and on sm_86 (RTX 30xx; 40xx and 50xx have the same 99 KiB), LoRA kernels at the largest fused rank
-    included."""
+    """On sm_90, on sm_86 (RTX 30xx; 40xx and 50xx have the same 99 KiB), LoRA kernels at the largest fused rank
+    included, and on sm_75 (64 KiB)."""
     results, _ = compiled
     for result in results:
         limit = result["environment"]["shared_memory_per_block"]
         over = [(r["kernel"], r["case"], r["shared_bytes"]) for r in result["records"] if r["shared_bytes"] > limit]
         assert not over, f"{result['environment']['target']}: first configs over {limit} B of shared memory: {over}"
-    sm86 = results[-1]["records"]
+    sm86 = [r for result, (arch, _) in zip(results, RUNS) if arch == 86 for r in result["records"]]
     assert {f"R{FUSED_MAX_RANK}", "R16"} <= {f"R{r['constexprs']['R']}" for r in sm86 if "R" in r["constexprs"]}
 
 
@@ -98,9 +102,29 @@ def test_every_kernel_compiles_to_a_cubin(compiled):
         assert record["stack_bytes"] >= 0 and record["spill_store_bytes"] >= 0 and record["spill_load_bytes"] >= 0
 
 
+def test_every_launch_pins_fp_fusion(compiled):
+    """Each launch asks for FMA contraction itself (common.FP_FUSION), so no kernel follows Triton's default, which
+    3.10 changes."""
+    _, records = compiled
+    unpinned = sorted({r["kernel"] for r in records if r["options"].get("enable_fp_fusion") is not True})
+    assert not unpinned, f"launched without enable_fp_fusion=True: {unpinned}"
+
+
+def test_no_gemm_kernel_runs_where_dots_have_no_tensor_cores(compiled):
+    """On sm_75 Triton lowers tl.dot to FMA loops (measured: no HMMA, kilobytes of spills), so the launchers run
+    every GEMM on cuBLAS there and launch only elementwise kernels; on sm_86 the same calls use the fused GEMMs."""
+    results, _ = compiled
+    gemms = {name for name, uses_dot in _kernels().items() if uses_dot}
+    by_arch = {arch: {r["kernel"] for r in result["records"]} for result, (arch, _) in zip(results, RUNS)}
+    assert by_arch[75] and not by_arch[75] & gemms, sorted(by_arch[75] & gemms)
+    assert {"_sample_kernel", "_lrt_output_kernel", "_reparam_grad_kernel"} <= by_arch[75]
+    assert {"_reparam_fwd_kernel", "_lrt_fwd_kernel", "_lora_fwd_kernel"} <= by_arch[86]
+
+
 def test_16_bit_gemms_use_tensor_cores(compiled):
     """In bfloat16 / float16 every GEMM kernel's tl.dot lowers to Hopper's wgmma or mma.sync (HGMMA / HMMA)."""
-    _, records = compiled
+    results, _ = compiled
+    records = [r for result, (arch, _) in zip(results, RUNS) if arch >= 80 for r in result["records"]]
     gemms = {name for name, uses_dot in _kernels().items() if uses_dot}
     assert {"_reparam_fwd_kernel", "_lrt_dw_kernel", "_lora_fwd_kernel"} <= gemms, gemms
     # float32 activations are left out: their dots run in IEEE float32 (torch's default, allow_tf32 off)

@@ -6,7 +6,9 @@ alignment specialisation a real launch would get - and recorded instead of run. 
 therefore be called on CPU tensors (their outputs are left unwritten) to check that every kernel lowers to PTX and
 a cubin with the real compiler, which Triton's interpreter never does, and to read the registers, stack frame,
 spills (``ptxas -v``) and tensor-core instructions (``cuobjdump --dump-sass``) of each kernel with the CUDA tools
-that ship with Triton.  ``benchmarks/sm90_compile.py`` is the report; ``tests/test_sm90_compile.py`` the test.
+that ship with Triton.  Inside it the launchers also choose their variants as on that GPU
+(``common.compute_capability``).  ``benchmarks/sm90_compile.py`` is the report; ``tests/test_sm90_compile.py`` the
+test.
 
 Needs ``TRITON_INTERPRET`` unset (or 0) when triton is imported, and the ``ptxas``/``cuobjdump`` binaries of the
 Triton wheel (``triton/backends/nvidia/bin``).  Where ptxas ``-v`` reports a stack frame but no spill bytes, the
@@ -32,18 +34,19 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from . import common
 from .common import INTERPRET
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 # The shared memory one block may use (the opt-in maximum), by compute capability x10, from the CUDA C++
-# Programming Guide's table of technical specifications: A100 80, RTX 30xx 86, RTX 40xx 89, H100/H200 90, B200 100,
-# RTX 50xx 120.  A launch above it raises OutOfResources: Triton's autotuner drops such a config, but a kernel run
-# with a single config (BNN_TRITON_AUTOTUNE=0) fails.
-SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
-                           100: 227 * 1024, 120: 99 * 1024}
+# Programming Guide's table of technical specifications: T4 / RTX 20xx 75, A100 80, RTX 30xx 86, RTX 40xx 89,
+# H100/H200 90, B200 100, RTX 50xx 120.  A launch above it raises OutOfResources: Triton's autotuner drops such a
+# config, but a kernel run with a single config (BNN_TRITON_AUTOTUNE=0) fails.
+SHARED_MEMORY_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+                           90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 _SASS_TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA)(\.\w+)*\b")
-_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
 @dataclass
@@ -184,8 +187,10 @@ def capture(arch: int = 90, autotune_configs: str = "all") -> Iterator[List[Comp
     previous_driver = getattr(driver, "_active", None)  # None: Triton creates its default driver when asked
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run, Autotuner.run = compile_only, compile_configs
+    previous_arch, common._capture_arch = common._capture_arch, arch  # the launchers route as on that GPU
     try:
         yield launches
     finally:
+        common._capture_arch = previous_arch
         JITFunction.run, Autotuner.run = original_run, original_autotune_run
         driver.set_active(previous_driver)

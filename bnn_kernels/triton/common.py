@@ -20,6 +20,13 @@ _BLOCK_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 AUTOTUNE_ENV = "BNN_TRITON_AUTOTUNE"
 
 
+# A launch option every kernel passes: multiply-adds contracted into FMA instructions.  That is Triton's default
+# up to 3.9, which warns that 3.10 turns it off; pinned here so that the compiled code, its speed and its rounding
+# stay the same across Triton releases (the oracle tests' tolerances hold with FMA; TRITON_FORCE_DISABLE_FP_FUSION=1
+# still turns it off).
+FP_FUSION = {"enable_fp_fusion": True}
+
+
 def autotune_enabled() -> bool:
     value = os.environ.get(AUTOTUNE_ENV, "1").strip()
     if value not in ("0", "1"):
@@ -53,6 +60,39 @@ def interpreter_meta(block_m=32, block_n=32, block_k=32):
     if not INTERPRET:
         return {}
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+
+
+# The compute capability (x10) that bnn_kernels.triton.aot.capture compiles for while it is active, else None.
+_capture_arch = None
+
+
+def compute_capability(device):
+    """The compute capability x10 (75, 80, 86, 90, ...) the kernels for tensors on ``device`` compile for; None for
+    CPU tensors (the interpreter), unless an ``aot.capture`` is compiling them for a GPU."""
+    if _capture_arch is not None:
+        return _capture_arch
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def dots_use_tensor_cores(device) -> bool:
+    """Whether tl.dot runs on tensor cores there: from sm_80.  Triton 3's NVIDIA backend has no MMA lowering below
+    Ampere, so on a T4 or an RTX 20xx (sm_75) a dot becomes FMA loops, while cuBLAS uses the tensor cores
+    (``benchmarks/sm90_compile.py --arch 75``: no HMMA in any GEMM kernel, up to 20 KB of spills).  True under the
+    interpreter, whose fused kernels are what the CPU tests check."""
+    capability = compute_capability(device)
+    return capability is None or capability >= 80
+
+
+def variant_setting(env: str, variants) -> str:
+    """The variant the environment variable ``env`` names ("auto" when unset), checked against ``variants``; read at
+    every call, so a test or a benchmark can switch variants between calls."""
+    choice = os.environ.get(env, "auto").strip().lower() or "auto"
+    if choice != "auto" and choice not in variants:
+        raise ValueError(f"{env} must be one of {', '.join(map(repr, variants))}, 'auto', got {choice!r}")
+    return choice
 
 
 def dot_precision() -> str:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, prior_constants, to_dtype
+from .common import FP_FUSION, INTERPRET, prior_constants, to_dtype
 
 MIN_SIGMA = 1e-7  # bnn_kernels.sigma.MIN_SIGMA: the "direct" parameterisation clamps sigma here
 
@@ -145,7 +145,7 @@ def gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param):
     partial = torch.empty(grid, dtype=torch.float32, device=mu.device)
     _kl_fwd_kernel[(grid,)](mu, rho, mu if prior is None else prior, partial, numel, log_ps, half_inv_ps2,
                             HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_FWD_BLOCK,
-                            num_warps=8)
+                            num_warps=8, **FP_FUSION)
     return partial.sum()
 
 
@@ -162,5 +162,5 @@ def gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param):
         grad_kl = grad_kl.to(device=mu.device, dtype=torch.float32).contiguous()
         _kl_bwd_kernel[(triton.cdiv(numel, _BWD_BLOCK),)](
             grad_kl, mu, rho, mu if prior is None else prior, dmu, drho, numel, inv_ps2,
-            HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_BWD_BLOCK, num_warps=4)
+            HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_BWD_BLOCK, num_warps=4, **FP_FUSION)
     return dmu.view(shape), drho.view(shape)

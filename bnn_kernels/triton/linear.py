@@ -21,7 +21,7 @@ Kernels (one program per output tile, grouped tile order for L2 reuse, fp32 accu
 GEMM operands are in x's dtype; the lrt variance operands (x^2, s^2, u) are float32 for float32 x and bfloat16
 otherwise (float16 cannot hold s^2 of small sigmas).  Nothing weight-sized is allocated besides dmu and drho.
 
-Two variants of the reparam estimator, chosen per call by ``reparam_variant(M)``:
+Two variants of the reparam estimator, chosen per call by ``reparam_variant(M, device)``:
 
 * ``"fused"``: the in-GEMM kernels above.  They draw each weight tile's noise once per M-tile
   (about ceil(M / BLOCK_M) * N * K normals per GEMM): cheapest when M fits in one or two tiles.
@@ -30,22 +30,30 @@ Two variants of the reparam estimator, chosen per call by ``reparam_variant(M)``
   again for dx and runs an elementwise epilogue over G = g^T x.  N * K normals per GEMM whatever M.
 
 The environment variable ``BNN_TRITON_REPARAM`` = ``fused`` | ``transient`` | ``auto`` (default) picks the variant;
-it is read at every call.  ``auto`` takes ``transient`` when M > ``TRANSIENT_ABOVE_M``, else ``fused``.  Both
-honour the memory contract (autograd keeps the inputs and the seed) and give the same noise.
+it is read at every call.  ``auto`` takes ``transient`` when M > ``TRANSIENT_ABOVE_M``, else ``fused``.
+
+Two of the lrt estimator, chosen by ``lrt_variant(device)`` (``BNN_TRITON_LRT`` = ``fused`` | ``composition`` |
+``auto``): the kernels above, or composition.py (mean and variance GEMMs on cuBLAS, output noise and gradient
+epilogues elementwise, as the conv's lrt).
+
+``auto`` picks the cuBLAS variants (transient, composition) wherever tl.dot has no tensor cores
+(``common.dots_use_tensor_cores``: below sm_80, i.e. a T4 or an RTX 20xx), whose fused kernels would run their
+GEMMs as FMA loops.  All variants honour the memory contract (autograd keeps the inputs and the seed; lrt also the
+output-sized std) and give the same noise.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .. import reference
-from .common import (dot_precision, gemm_configs, interpreter_meta, mma, prior_constants, to_dtype, tuned,
-                     var_in_float32)
+from .common import (FP_FUSION, dot_precision, dots_use_tensor_cores, gemm_configs, interpreter_meta, mma,
+                     prior_constants, to_dtype, tuned, var_in_float32, variant_setting)
 from .kl import kl_grads, kl_terms, load_mu_sigma, load_posterior, load_prior, sigma_of, store_reparam_grads
-from .sample import transient_linear_bwd, transient_linear_fwd
+from .composition import Maps, lrt_bwd, lrt_fwd, lrt_u
+from .sample import _weight_grad, transient_linear_bwd, transient_linear_fwd
 
 REPARAM_ENV = "BNN_TRITON_REPARAM"
 REPARAM_VARIANTS = ("fused", "transient")
@@ -53,6 +61,8 @@ REPARAM_VARIANTS = ("fused", "transient")
 # in-GEMM kernels draw each normal once or twice per GEMM and save the pass that writes and reads the sample;
 # beyond, their noise cost grows with M while the transient variant's stays N * K.  To be measured on a GPU.
 TRANSIENT_ABOVE_M = 256
+LRT_ENV = "BNN_TRITON_LRT"
+LRT_VARIANTS = ("fused", "composition")
 
 GROUP = tl.constexpr(8)  # tiles along the first grid axis per group (grouped ordering)
 
@@ -115,14 +125,6 @@ def _column_halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
     Epilogues that draw noise run once per half: half as many Philox states live at once (fewer spills).
     """
     return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
-
-
-@triton.jit
-def _lrt_u(g, std, seed, y_off):
-    """u = g * xi / (2 std), 0 where std == 0 (masked elements load std = 0)."""
-    xi = tl.randn(seed, y_off)
-    positive = std > 0.0
-    return tl.where(positive, g.to(tl.float32) * xi / tl.where(positive, 2.0 * std, 1.0), 0.0)
 
 
 @triton.jit
@@ -332,7 +334,7 @@ def _lrt_dx_kernel(g_ptr, x_ptr, std_ptr, mu_ptr, rho_ptr, seed_ptr, dx_ptr, M, 
         y_mask = mask_m[:, None] & mask_n[None, :]
         g = tl.load(g_ptr + y_off, mask=y_mask, other=0.0)
         std = tl.load(std_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-        u = _lrt_u(g, std, seed, y_off)
+        u = lrt_u(g, std, seed, y_off)
         w_off = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
         w_mask = mask_n[:, None] & mask_k[None, :]
         mu = tl.load(mu_ptr + w_off, mask=w_mask, other=0.0)
@@ -372,7 +374,7 @@ def _lrt_dw_kernel(g_ptr, x_ptr, std_ptr, mu_ptr, rho_ptr, prior_ptr, seed_ptr, 
         y_mask = mask_m[:, None] & mask_n[None, :]
         g = tl.load(g_ptr + y_off, mask=y_mask, other=0.0)
         std = tl.load(std_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-        u = _lrt_u(g, std, seed, y_off)
+        u = lrt_u(g, std, seed, y_off)
         x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         xf = x.to(tl.float32)
         acc_mu = mma(tl.trans(g), x, acc_mu, DOT_PREC)
@@ -405,14 +407,32 @@ def _lrt_dw_epilogue(grad_mu, u_x2, offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, 
 # launchers (the backend contract of bnn_kernels.registry)
 # ----------------------------------------------------------------------------------------------------------------
 
-def reparam_variant(M: int) -> str:
-    """``"fused"`` or ``"transient"``: the reparam variant a call with ``M`` rows of x runs, per BNN_TRITON_REPARAM."""
-    choice = os.environ.get(REPARAM_ENV, "auto").strip().lower() or "auto"
+def reparam_variant(M: int, device=None) -> str:
+    """``"fused"`` or ``"transient"``: the reparam variant a call with ``M`` rows of x on ``device`` runs, per
+    BNN_TRITON_REPARAM.  ``auto``: transient above TRANSIENT_ABOVE_M rows, and wherever tl.dot has no tensor
+    cores (cuBLAS has them)."""
+    choice = variant_setting(REPARAM_ENV, REPARAM_VARIANTS)
     if choice == "auto":
-        return "transient" if M > TRANSIENT_ABOVE_M else "fused"
-    if choice not in REPARAM_VARIANTS:
-        raise ValueError(f"{REPARAM_ENV} must be one of 'fused', 'transient', 'auto', got {choice!r}")
+        return "transient" if M > TRANSIENT_ABOVE_M or not dots_use_tensor_cores(device) else "fused"
     return choice
+
+
+def lrt_variant(device=None) -> str:
+    """``"fused"`` (the lrt kernels above) or ``"composition"`` (composition.py: the mean and variance GEMMs on
+    cuBLAS, output noise elementwise): the lrt variant a call on ``device`` runs, per BNN_TRITON_LRT.  ``auto``:
+    composition wherever tl.dot has no tensor cores, else fused."""
+    choice = variant_setting(LRT_ENV, LRT_VARIANTS)
+    if choice == "auto":
+        return "fused" if dots_use_tensor_cores(device) else "composition"
+    return choice
+
+
+def _linear_vjp(g, x, w, need_x):
+    """(dx = g @ w or None, G = g^T @ x in float32): the vjp of F.linear for composition.py."""
+    return (torch.mm(g, w) if need_x else None), _weight_grad(g, x)
+
+
+LINEAR_MAPS = Maps(forward=F.linear, vjp=_linear_vjp)
 
 
 def _grid(rows: int, cols: int, row_block: str, col_block: str):
@@ -429,14 +449,16 @@ def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estim
     if min(M, N, K) == 0:  # nothing to launch; the reference handles empty GEMMs
         y, kl, _ = reference.linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator)
         return y, kl, (x.new_zeros((M, N)) if estimator == "lrt" else x.new_empty(0))
-    if estimator == "reparam" and reparam_variant(M) == "transient":
+    if estimator == "reparam" and reparam_variant(M, x.device) == "transient":
         y, kl = transient_linear_fwd(x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
         return y, kl, x.new_empty(0)
+    if estimator == "lrt" and lrt_variant(x.device) == "composition":
+        return lrt_fwd(LINEAR_MAPS, x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     kl_rows = torch.empty(N, dtype=torch.float32, device=x.device)
     log_ps, half_inv_ps2, _ = prior_constants(prior_sigma)
     common = dict(HAS_BIAS=bias is not None, HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus",
-                  DOT_PREC=dot_precision(), **interpreter_meta())
+                  DOT_PREC=dot_precision(), **interpreter_meta(), **FP_FUSION)
     bias_arg = mu if bias is None else bias
     prior_arg = mu if prior is None else prior
     grid = _grid(M, N, "BLOCK_M", "BLOCK_N")
@@ -461,12 +483,14 @@ def linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, si
     if min(M, N, K) == 0:
         return reference.linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param,
                                     estimator, need_dx)
-    if estimator == "reparam" and reparam_variant(M) == "transient":
+    if estimator == "reparam" and reparam_variant(M, x.device) == "transient":
         return transient_linear_bwd(g, grad_kl, x, mu, rho, prior, seed, prior_sigma, sigma_param, need_dx)
+    if estimator == "lrt" and lrt_variant(x.device) == "composition":
+        return lrt_bwd(LINEAR_MAPS, g, grad_kl, x, mu, rho, prior, seed, std, prior_sigma, sigma_param, need_dx)
     _, _, inv_ps2 = prior_constants(prior_sigma)
     softplus = sigma_param == "softplus"
     precision = dot_precision()
-    meta = interpreter_meta()
+    meta = {**interpreter_meta(), **FP_FUSION}
     prior_arg = mu if prior is None else prior
     dmu = torch.empty_like(mu)
     drho = torch.empty_like(rho)

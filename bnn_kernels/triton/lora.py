@@ -33,16 +33,15 @@ the fused kernels' tiles no longer fit the registers nor the 99 KiB of shared me
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import reference
-from .common import (INTERPRET, dot_precision, gemm_configs, interpreter_meta, mma, prior_constants, to_dtype, tuned,
-                     var_in_float32)
-from .linear import _column_halves, _grouped_tile, _lrt_dw_epilogue, _lrt_u, _to_var_dtype
+from .common import (FP_FUSION, INTERPRET, dot_precision, dots_use_tensor_cores, gemm_configs, interpreter_meta,
+                     mma, prior_constants, to_dtype, tuned, var_in_float32, variant_setting)
+from .composition import lrt_u
+from .linear import _column_halves, _grouped_tile, _lrt_dw_epilogue, _to_var_dtype
 from .philox import philox_normal
 from .sample import _weight_grad, reparam_weight_grads, sample_weight, sigma_squared
 
@@ -72,7 +71,7 @@ def padded_rank(rank: int) -> int:
     return max(MIN_DOT_RANK, triton.next_power_of_2(rank))
 
 
-def lora_variant(rank: int, x_dtype: torch.dtype) -> str:
+def lora_variant(rank: int, x_dtype: torch.dtype, device=None) -> str:
     """``"fused"`` (the kernels below) or ``"composition"`` (the reference formulas on cuBLAS with this backend's
     noise): the variant a linear LoRA call runs, per BNN_TRITON_LORA (read at every call).
 
@@ -80,14 +79,15 @@ def lora_variant(rank: int, x_dtype: torch.dtype) -> str:
     accumulators and R-wide tiles spill registers and need more shared memory than a consumer GPU gives a block;
     float32 x doubles every tile's bytes, and the first configs (tuned for 16-bit operands) spill 12-58 KB on sm_90
     and do not fit the 99 KiB of an RTX 30xx/40xx at any rank (benchmarks/NOTES.md, "Shared memory on consumer
-    GPUs").  ``fused`` fuses every dtype up to FUSED_MAX_RANK; ``composition`` never fuses.
+    GPUs"); and where tl.dot has no tensor cores (sm_75: T4, RTX 20xx) every GEMM is cuBLAS's.  ``fused`` fuses
+    every dtype up to FUSED_MAX_RANK; ``composition`` never fuses.
     """
-    choice = os.environ.get(LORA_ENV, "auto").strip().lower() or "auto"
-    if choice not in (*LORA_VARIANTS, "auto"):
-        raise ValueError(f"{LORA_ENV} must be one of 'fused', 'composition', 'auto', got {choice!r}")
+    choice = variant_setting(LORA_ENV, LORA_VARIANTS)
     if choice == "composition" or padded_rank(rank) > FUSED_MAX_RANK:
         return "composition"
-    return "fused" if choice == "fused" or x_dtype.itemsize == 2 else "composition"
+    if choice == "fused":
+        return "fused"
+    return "fused" if x_dtype.itemsize == 2 and dots_use_tensor_cores(device) else "composition"
 
 
 @triton.jit
@@ -228,14 +228,14 @@ def _lora_rank_grad_kernel(g_ptr, b_ptr, s2_ptr, seed_ptr, h_ptr, aux_ptr, dh_pt
                 s2 = tl.load(s2_ptr + b_off, mask=b_mask, other=0.0)
                 var = mma(_to_var_dtype(h * h, VAR_FP32), tl.trans(_to_var_dtype(s2, VAR_FP32)),
                           _zero_tile(BLOCK_M, BLOCK_N), DOT_PREC)
-                u = scale * _lrt_u(g, tl.sqrt(var), seed, y_off)
+                u = scale * lrt_u(g, tl.sqrt(var), seed, y_off)
                 tl.store(u_ptr + y_off, u, mask=y_mask)
                 acc_var = mma(_to_var_dtype(u, VAR_FP32), _to_var_dtype(s2, VAR_FP32), acc_var, DOT_PREC)
     dh = scale * acc
     if LRT:
         if BAYES_A:
             std_t = tl.load(aux_ptr + t_off, mask=t_mask, other=0.0)
-            tl.store(u_ptr + t_off, _lrt_u(dh, std_t, seed, t_off), mask=t_mask)
+            tl.store(u_ptr + t_off, lrt_u(dh, std_t, seed, t_off), mask=t_mask)
         else:
             dh += 2.0 * h * acc_var
     tl.store(dh_ptr + t_off, dh, mask=t_mask)
@@ -337,7 +337,7 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, pr
     if min(M, N, K) == 0:  # nothing to launch; the reference handles empty GEMMs
         return reference.lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma,
                                          sigma_param, estimator)
-    if lora_variant(r, x.dtype) == "composition":
+    if lora_variant(r, x.dtype, x.device) == "composition":
         y, kl, h, aux = reference.lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes,
                                                   prior_sigma, sigma_param, estimator, **_composition(x))
         return y, kl.float(), h.float(), aux.float()
@@ -350,7 +350,7 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, pr
     _lora_fwd_kernel[_grid(M, N, "BLOCK_M", "BLOCK_N")](
         x, weight, weight if bias is None else bias, a_op, b_op, a_op if s2 is None else s2, seed, y, h,
         h if aux.numel() == 0 else aux, M, N, K, r, float(scale), HAS_BIAS=bias is not None, R=padded_rank(r),
-        **flags, **interpreter_meta())
+        **flags, **interpreter_meta(), **FP_FUSION)
     return y, kl, h, aux
 
 
@@ -361,7 +361,7 @@ def _lrt_factor_grads(grad_mean, grad_var, grad_kl, mean, rho, prior_sigma, sigm
     block = 32
     _lrt_factor_grad_kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](
         grad_mean.contiguous(), grad_var.contiguous(), mean, rho, grad_kl, dmean, drho, rows, cols, inv_ps2,
-        SOFTPLUS=sigma_param == "softplus", BLOCK_ROWS=block, BLOCK_COLS=block, num_warps=4)
+        SOFTPLUS=sigma_param == "softplus", BLOCK_ROWS=block, BLOCK_COLS=block, num_warps=4, **FP_FUSION)
     return dmean, drho
 
 
@@ -373,7 +373,7 @@ def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, au
     if min(M, N, K) == 0:
         return reference.lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes,
                                          prior_sigma, sigma_param, estimator, need_dx)
-    if lora_variant(r, x.dtype) == "composition":
+    if lora_variant(r, x.dtype, x.device) == "composition":
         return reference.lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes,
                                          prior_sigma, sigma_param, estimator, need_dx, **_composition(x))
     g = grad_y.contiguous()
@@ -392,12 +392,12 @@ def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, au
     rank_meta = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N")} if INTERPRET else {}
     _lora_rank_grad_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](
         g, b_op, s2_arg, seed, h, h if aux.numel() == 0 else aux, dh, u_arg, M, N, r, float(scale), R=rank_pad,
-        **flags, **rank_meta)
+        **flags, **rank_meta, **FP_FUSION)
     dx = None
     if need_dx:
         dx = torch.empty_like(x)
         _lora_dx_kernel[_grid(M, K, "BLOCK_M", "BLOCK_K")](g, weight, x, dh, u_arg, a_op, s2_arg, dx, M, N, K, r,
-                                                           R=rank_pad, **flags, **meta)
+                                                           R=rank_pad, **flags, **meta, **FP_FUSION)
     del a_op, b_op, s2, s2_arg  # the transient factor operands
     # factor gradients: skinny GEMMs with float32 output, operands in x's dtype, then the KL epilogue
     grad_a = _weight_grad(dh.to(x.dtype), x)            # dh^T @ x, (r, K)

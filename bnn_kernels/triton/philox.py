@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET
+from .common import FP_FUSION, INTERPRET
 
 
 @triton.jit
@@ -25,5 +25,5 @@ def philox_normal(seed: torch.Tensor, numel: int, offset: int, device) -> torch.
     if numel > 0:
         seed = seed.to(device=device, dtype=torch.int64).contiguous()
         _philox_normal_kernel[(triton.cdiv(int(numel), _BLOCK),)](seed, out, int(offset), int(numel), BLOCK=_BLOCK,
-                                                                  num_warps=4 if INTERPRET else 8)
+                                                                  num_warps=4 if INTERPRET else 8, **FP_FUSION)
     return out

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import prior_constants, to_dtype
+from .common import FP_FUSION, prior_constants, to_dtype
 from .kl import kl_terms, load_mu_sigma, load_posterior, load_prior, store_reparam_grads
 
 _BLOCK = 1024  # weight elements per program
@@ -97,7 +97,7 @@ def _posterior_pass(mu, rho, seed, dtype, sigma_param, prior, prior_sigma, with_
     log_ps, half_inv_ps2, _ = prior_constants(prior_sigma)
     _sample_kernel[(grid,)](mu, rho, mu if prior is None else prior, seed, w, partial, numel, log_ps, half_inv_ps2,
                             WITH_KL=with_kl, HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus",
-                            VARIANCE=variance, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                            VARIANCE=variance, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **FP_FUSION)
     return w, (partial.sum() if with_kl else None)
 
 
@@ -111,7 +111,8 @@ def reparam_weight_grads(grad_w, grad_kl, mu, rho, prior, seed, prior_sigma, sig
     _, _, inv_ps2 = prior_constants(prior_sigma)
     _reparam_grad_kernel[(triton.cdiv(numel, _BLOCK),)](
         grad_w, mu, rho, mu if prior is None else prior, seed, grad_kl, dmu, drho, numel, inv_ps2,
-        HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        **FP_FUSION)
     return dmu, drho
 
 
