@@ -71,13 +71,14 @@ class CompiledLaunch:
         """Fill registers, stack frame and spill bytes (ptxas -v on the kernel's PTX, the ptxas Triton compiled
         it with) and the tensor-core instructions (HGMMA: Hopper's wgmma; HMMA: mma.sync) of the cubin's SASS."""
         target = re.search(r"^\.target\s+(\w+)", self.asm["ptx"], re.MULTILINE).group(1)
+        arch = int(re.match(r"sm_(\d+)", target).group(1))  # sm_90a -> 90: Triton 3.9 ships one ptxas per range
         with tempfile.TemporaryDirectory() as tmp:
             ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
             with open(ptx, "w") as handle:
                 handle.write(self.asm["ptx"])
             with open(cubin, "wb") as handle:
                 handle.write(self.asm["cubin"])
-            report = _run(ptxas_path(), f"-arch={target}", "-v", ptx, "-o", os.path.join(tmp, "again.cubin"))
+            report = _run(ptxas_path(arch), f"-arch={target}", "-v", ptx, "-o", os.path.join(tmp, "again.cubin"))
             sass = _run(os.path.join(_TOOLS, "cuobjdump"), "--dump-sass", cubin)
         registers = re.search(r"Used (\d+) registers", report)
         frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)

@@ -80,7 +80,7 @@ def compute_capability(device):
 def dots_use_tensor_cores(device) -> bool:
     """Whether tl.dot runs on tensor cores there: from sm_80.  Triton 3's NVIDIA backend has no MMA lowering below
     Ampere, so on a T4 or an RTX 20xx (sm_75) a dot becomes FMA loops, while cuBLAS uses the tensor cores
-    (``benchmarks/sm90_compile.py --arch 75``: no HMMA in any GEMM kernel, up to 20 KB of spills).  True under the
+    (``benchmarks/sm90_compile.py --arch 75``: no HMMA in any GEMM kernel, up to 19 KB of spills).  True under the
     interpreter, whose fused kernels are what the CPU tests check."""
     capability = compute_capability(device)
     return capability is None or capability >= 80
