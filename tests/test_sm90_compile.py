@@ -80,6 +80,15 @@ def test_environment_is_recorded(compiled):
         assert result["settings"]["configs"] == "first"
 
 
+def test_spills_are_read_with_the_ptxas_that_compiled_the_target(compiled):
+    """Triton 3.9 ships ptxas 12.9 for targets below sm_90 and 13.4 from sm_90: each record's registers and spills
+    come from the one Triton compiled it with, the version the report's environment names."""
+    results, _ = compiled
+    for result in results:
+        versions = {r["ptxas"] for r in result["records"]}
+        assert versions == {result["environment"]["ptxas"]}, (result["environment"]["target"], versions)
+
+
 def test_first_configs_fit_the_shared_memory_of_a_block(compiled):
     """On sm_90, on sm_86 (RTX 30xx; 40xx and 50xx have the same 99 KiB), LoRA kernels at the largest fused rank
     included, and on sm_75 (64 KiB)."""

@@ -19,6 +19,7 @@ methods of ``JITFunction`` and ``Autotuner``, which Triton 3.6 to 3.9 share (che
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -66,6 +67,7 @@ class CompiledLaunch:
     spill_store_bytes: Optional[int] = None
     spill_load_bytes: Optional[int] = None
     tensor_core_instructions: Optional[int] = None
+    ptxas: Optional[str] = None  # the version of the ptxas that read the registers and spills
 
     def resources(self) -> "CompiledLaunch":
         """Fill registers, stack frame and spill bytes (ptxas -v on the kernel's PTX, the ptxas Triton compiled
@@ -78,7 +80,8 @@ class CompiledLaunch:
                 handle.write(self.asm["ptx"])
             with open(cubin, "wb") as handle:
                 handle.write(self.asm["cubin"])
-            report = _run(ptxas_path(arch), f"-arch={target}", "-v", ptx, "-o", os.path.join(tmp, "again.cubin"))
+            ptxas = ptxas_path(arch)
+            report = _run(ptxas, f"-arch={target}", "-v", ptx, "-o", os.path.join(tmp, "again.cubin"))
             sass = _run(os.path.join(_TOOLS, "cuobjdump"), "--dump-sass", cubin)
         registers = re.search(r"Used (\d+) registers", report)
         frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
@@ -87,6 +90,7 @@ class CompiledLaunch:
         self.registers = int(registers.group(1))
         self.stack_bytes, self.spill_store_bytes, self.spill_load_bytes = (int(g) for g in frame.groups())
         self.tensor_core_instructions = len(_SASS_TENSOR_CORE.findall(sass))
+        self.ptxas = _version_of(ptxas)
         return self
 
     def summary(self) -> dict:
@@ -95,7 +99,7 @@ class CompiledLaunch:
                 "pointer_dtypes": self.pointer_dtypes, "compile_seconds": round(self.compile_seconds, 3),
                 "shared_bytes": self.shared_bytes, "registers": self.registers, "stack_bytes": self.stack_bytes,
                 "spill_store_bytes": self.spill_store_bytes, "spill_load_bytes": self.spill_load_bytes,
-                "tensor_core_instructions": self.tensor_core_instructions}
+                "tensor_core_instructions": self.tensor_core_instructions, "ptxas": self.ptxas}
 
 
 def ptxas_path(arch: int = 90) -> str:
@@ -105,8 +109,14 @@ def ptxas_path(arch: int = 90) -> str:
 
 
 def ptxas_version(arch: int = 90) -> str:
-    """E.g. "cuda_13.4.r13.4/compiler.38657139_0": the last line of ``ptxas --version``."""
-    return _run(ptxas_path(arch), "--version").strip().splitlines()[-1].replace("Build ", "")
+    """E.g. "cuda_13.4.r13.4/compiler.38657139_0": the version of the ptxas Triton compiles ``sm_<arch>`` with."""
+    return _version_of(ptxas_path(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def _version_of(ptxas: str) -> str:
+    """The last line of ``ptxas --version``, without "Build "."""
+    return _run(ptxas, "--version").strip().splitlines()[-1].replace("Build ", "")
 
 
 def _run(tool: str, *args: str) -> str:
