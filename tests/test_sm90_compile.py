@@ -1,6 +1,6 @@
-"""Every Triton kernel compiles for sm_90 (H100/H200) and sm_86 (RTX 30xx) with the real Triton compiler, no GPU
-needed, and its first autotune config fits the shared memory a block has there; on sm_75 (T4, RTX 20xx) only the
-elementwise kernels launch.
+"""Every Triton kernel compiles for sm_90 (H100/H200), sm_86 (RTX 30xx) and sm_120 (RTX 50xx) with the real Triton
+compiler, no GPU needed, and its first autotune config fits the shared memory a block has there; on sm_75 (T4,
+RTX 20xx) only the elementwise kernels launch.
 
 The interpreter that runs the other triton-backend tests on CPU never lowers a kernel: type errors, layouts that
 do not fit, tl.dot shapes below 16 only show when ptxas runs, and a config that needs more shared memory than the
@@ -9,7 +9,8 @@ GPU gives a block only fails at launch.  ``benchmarks/sm90_compile.py`` calls ev
 in every dtype (both flag sets in bfloat16, the paper presets' in the others); for sm_86, whose 99 KiB per block
 is the least of the GPUs the fused kernels run on (RTX 40xx and 50xx have the same), in every dtype with the paper
 presets' flags (their prior-mean tile makes them the larger kernels) and the LoRA kernels at rank 4 and at the
-largest fused rank; for sm_75 the variants the library picks there, in float16 and float32.  The first config is what a run with BNN_TRITON_AUTOTUNE=0 launches, and what guarantees the
+largest fused rank; for sm_120 the 16-bit dtypes likewise; for sm_75 the variants the library picks there, in
+float16 and float32.  The first config is what a run with BNN_TRITON_AUTOTUNE=0 launches, and what guarantees the
 autotuner, which drops the configs that do not fit, one config to keep.
 """
 from __future__ import annotations
@@ -35,10 +36,12 @@ RUNS = (
     (90, ["--dtypes", "float32", "float16", "--flag-sets", "paper"]),
     (86, ["--dtypes", "float32", "bfloat16", "float16", "--flag-sets", "paper",
           "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
+    # RTX 50xx (consumer Blackwell): mma.sync, not Hopper's wgmma, and 99 KiB per block
+    (120, ["--dtypes", "bfloat16", "float16", "--flag-sets", "paper", "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
     # T4 / RTX 20xx: what the library launches there (its tl.dot has no tensor cores: the GEMMs go to cuBLAS)
     (75, ["--variants", "auto", "--dtypes", "float16", "float32", "--flag-sets", "paper"]),
 )
-SHARED_KIB = {90: 227, 86: 99, 75: 64}
+SHARED_KIB = {90: 227, 86: 99, 120: 99, 75: 64}
 
 
 def _compile(tmp_path, index, arch, extra):
@@ -90,8 +93,8 @@ def test_spills_are_read_with_the_ptxas_that_compiled_the_target(compiled):
 
 
 def test_first_configs_fit_the_shared_memory_of_a_block(compiled):
-    """On sm_90, on sm_86 (RTX 30xx; 40xx and 50xx have the same 99 KiB), LoRA kernels at the largest fused rank
-    included, and on sm_75 (64 KiB)."""
+    """On sm_90, on sm_86 and sm_120 (RTX 30xx and 50xx; 40xx has the same 99 KiB), LoRA kernels at the largest
+    fused rank included, and on sm_75 (64 KiB)."""
     results, _ = compiled
     for result in results:
         limit = result["environment"]["shared_memory_per_block"]
