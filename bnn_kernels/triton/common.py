@@ -105,6 +105,16 @@ def var_in_float32(x_dtype: torch.dtype) -> bool:
     return x_dtype == torch.float32
 
 
+def lrt_var_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the lrt variance operands for x of ``x_dtype`` (see ``var_in_float32``)."""
+    return torch.float32 if var_in_float32(x_dtype) else torch.bfloat16
+
+
+def squared(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x * x in ``dtype``, squared in float32 (no float16 overflow, one rounding)."""
+    return x.float().square().to(dtype)
+
+
 def prior_constants(prior_sigma: float):
     """(log ps, 1 / (2 ps^2), 1 / ps^2), computed in float64 on the host."""
     prior_sigma = float(prior_sigma)

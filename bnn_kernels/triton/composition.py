@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP_FUSION, prior_constants, to_dtype, var_in_float32
+from .common import FP_FUSION, lrt_var_dtype, prior_constants, squared, to_dtype
 from .kl import load_posterior, store_reparam_grads
 from .sample import sigma_squared
 
@@ -89,15 +89,6 @@ def _grid(numel: int):
     return (triton.cdiv(numel, _BLOCK),)
 
 
-def _var_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if var_in_float32(x_dtype) else torch.bfloat16
-
-
-def _squared(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x * x in ``dtype``, squared in float32 (no float16 overflow, one rounding)."""
-    return x.float().square().to(dtype)
-
-
 def weight_stand_in(like: torch.Tensor, shape) -> torch.Tensor:
     """A weight argument for a vjp that needs only the weight gradient (shape and dtype count)."""
     return like.new_empty(1).expand(shape)
@@ -106,9 +97,9 @@ def weight_stand_in(like: torch.Tensor, shape) -> torch.Tensor:
 def lrt_fwd(maps: Maps, x, mu, rho, bias, prior, seed, prior_sigma, sigma_param):
     """(y, kl, std): y and std shaped like the map's output in x's dtype, kl float32 ().  x, mu, rho, prior
     contiguous."""
-    var_dtype = _var_dtype(x.dtype)
+    var_dtype = lrt_var_dtype(x.dtype)
     s2, kl = sigma_squared(mu, rho, var_dtype, sigma_param, prior, prior_sigma, with_kl=True)
-    var = maps.forward(_squared(x, var_dtype), s2, None).contiguous()
+    var = maps.forward(squared(x, var_dtype), s2, None).contiguous()
     del s2
     bias_x = None if bias is None else bias.to(x.dtype)
     y = maps.forward(x, mu.to(x.dtype), bias_x).contiguous()  # the mean, turned into y in place
@@ -121,7 +112,7 @@ def lrt_fwd(maps: Maps, x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
 def lrt_bwd(maps: Maps, g, grad_kl, x, mu, rho, prior, seed, std, prior_sigma, sigma_param, need_dx):
     """(dx or None, dmu, drho); dmu/drho in mu's dtype and include grad_kl times the KL gradient.  g, x, mu, rho,
     prior contiguous; grad_kl float32 0-dim on x's device."""
-    var_dtype = _var_dtype(x.dtype)
+    var_dtype = lrt_var_dtype(x.dtype)
     numel = g.numel()
     u = torch.empty(g.shape, dtype=var_dtype, device=g.device)
     _lrt_u_kernel[_grid(numel)](g, std.contiguous(), seed, u, numel, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **FP_FUSION)
@@ -129,7 +120,7 @@ def lrt_bwd(maps: Maps, g, grad_kl, x, mu, rho, prior, seed, std, prior_sigma, s
     dx_mean, grad_mean = maps.vjp(g, x, mu_x, need_dx)
     del mu_x
     s2 = sigma_squared(mu, rho, var_dtype, sigma_param)[0] if need_dx else weight_stand_in(u, mu.shape)
-    dx_var, grad_var = maps.vjp(u, _squared(x, var_dtype), s2, need_dx)
+    dx_var, grad_var = maps.vjp(u, squared(x, var_dtype), s2, need_dx)
     del s2, u
     dx = None
     if need_dx:  # vjp(g, mu) + 2 x vjp(u, s^2)

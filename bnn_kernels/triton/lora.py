@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .. import reference
 from .common import (FP_FUSION, INTERPRET, dot_precision, dots_use_tensor_cores, gemm_configs, interpreter_meta,
-                     mma, prior_constants, to_dtype, tuned, var_in_float32, variant_setting)
+                     lrt_var_dtype, mma, prior_constants, squared, to_dtype, tuned, var_in_float32, variant_setting)
 from .composition import lrt_u
 from .linear import _column_halves, _grouped_tile, _lrt_dw_epilogue, _to_var_dtype
 from .philox import philox_normal
@@ -325,8 +325,7 @@ def _factor_operands(x, lora_a, lora_b, rho, seed, bayes, prior_sigma, sigma_par
     if estimator == "reparam":
         sample, kl = sample_weight(factor, rho, seed, x.dtype, sigma_param, None, prior_sigma, with_kl)
         return (sample, lora_b, None, kl) if bayes == "A" else (lora_a, sample, None, kl)
-    var_dtype = torch.float32 if var_in_float32(x.dtype) else torch.bfloat16
-    s2, kl = sigma_squared(factor, rho, var_dtype, sigma_param, None, prior_sigma, with_kl)
+    s2, kl = sigma_squared(factor, rho, lrt_var_dtype(x.dtype), sigma_param, None, prior_sigma, with_kl)
     return lora_a, lora_b, s2, kl
 
 
@@ -409,8 +408,8 @@ def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, au
                                            sigma_param)
     else:
         if bayes_a:  # u_t^T @ x^2
-            var_dtype = torch.float32 if flags["VAR_FP32"] else torch.bfloat16
-            grad_var = _weight_grad(u.to(var_dtype), x.float().square().to(var_dtype))
+            var_dtype = lrt_var_dtype(x.dtype)
+            grad_var = _weight_grad(u.to(var_dtype), squared(x, var_dtype))
         else:        # u^T @ h^2
             grad_var = torch.mm(u.t(), h * h)
         dmean, drho = _lrt_factor_grads(grad_factor, grad_var, grad_kl, factor, rho, prior_sigma, sigma_param)
