@@ -2,6 +2,7 @@
 
     python benchmarks/e2e_unet.py --json OUT.json          # GPU: sd15 config, 64x64 latents, batch 1 and 4
     python benchmarks/e2e_unet.py --config tiny --json benchmarks/results/cpu-e2e-tiny.json     # CPU, small model
+    python benchmarks/e2e_unet.py --resume OUT.json --json OUT2.json   # the runs a stopped measurement did not reach
 
 Variants (``e2e_step.py`` builds them): (a) full-ft, deterministic fine-tune of the paper-dreambooth layers;
 (b) paper, the paper's own implementation (``paper_bayes.py``); (c) ours-dreambooth; (c') the same with the prior
@@ -294,6 +295,48 @@ def print_report(results: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# resuming a cut-short measurement
+# --------------------------------------------------------------------------------------------------------------
+
+# What must match for runs of an earlier file to sit in one table with new ones.
+RESUME_SETTINGS = ("config", "unet_config", "latent_size", "precision", "optimizer", "kl_weight", "repeats", "warmup",
+                   "on_gpu")
+RESUME_ENVIRONMENT = ("device", "torch", "triton", "diffusers", "peft")
+KEPT_STATUSES = ("ok", "oom", "unavailable")  # outcomes of the measurement itself; "error" runs are run again
+
+
+def resumed_runs(path: str, results: dict) -> list:
+    """The runs of an earlier ``--json`` file to keep (all but errors), after checking it was measured the same
+    way on the same machine and software as ``results`` will be; ValueError naming what differs."""
+    import json
+    try:
+        with open(path) as handle:
+            earlier = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--resume {path}: cannot read it ({error})") from None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("runs"), list):
+        raise ValueError(f"--resume {path}: not a JSON file written by e2e_unet.py --json")
+    here = json.loads(json.dumps(results))  # compared as JSON holds them (tuples read back as lists)
+    differs = [key for key in RESUME_SETTINGS if earlier.get(key) != here[key]]
+    differs += [f"environment.{key}" for key in RESUME_ENVIRONMENT
+                if earlier.get("environment", {}).get(key) != here["environment"].get(key)]
+    if differs:
+        shown = ", ".join(f"{key} ({_field(earlier, key)!r} there, {_field(here, key)!r} here)" for key in differs)
+        raise ValueError(f"--resume {path}: measured differently: {shown}")
+    return [run for run in earlier["runs"] if run.get("status") in KEPT_STATUSES]
+
+
+def _field(results: dict, key: str):
+    if key.startswith("environment."):
+        return results.get("environment", {}).get(key.split(".", 1)[1])
+    return results.get(key)
+
+
+def run_key(run: dict) -> tuple:
+    return run["variant"], run["batch_size"], run["gradient_checkpointing"]
+
+
+# --------------------------------------------------------------------------------------------------------------
 
 def _versions() -> dict:
     versions = {}
@@ -324,6 +367,9 @@ def main(argv=None) -> dict:
                         help="CPU threads for torch (default on CPU: 1; on a CPU shared with other work, OpenMP "
                              "threads that wait for each other made steps up to 30x slower and erratic)")
     parser.add_argument("--json", default=None, help="write every figure here as JSON")
+    parser.add_argument("--resume", default=None, metavar="JSON",
+                        help="keep the runs of an earlier --json file (measured the same way on the same machine) "
+                             "and run only the others of this selection; runs that ended in an error run again")
     args = parser.parse_args(argv)
     for name in ("repeats", "latent_size", "threads"):
         value = getattr(args, name)
@@ -358,6 +404,15 @@ def main(argv=None) -> dict:
     }
     if not on_gpu:
         results["environment"]["note"] = "CPU shared with other processes: timings are indicative"
+    if args.resume:
+        try:
+            results["runs"] = resumed_runs(args.resume, results)
+        except ValueError as error:
+            parser.error(str(error))
+        done = {run_key(run) for run in results["runs"]}
+        plan = [(b, ckpt, v) for b, ckpt, v in plan if (v, b, ckpt) not in done]
+        results["resumed_from"] = {"path": args.resume, "runs_kept": len(results["runs"])}
+        print(f"resuming {args.resume}: {len(results['runs'])} runs kept, {len(plan)} to run")
     for batch_size, checkpointing, variant in tqdm(plan, desc="e2e runs", unit="run"):
         results["runs"].append(run_one(
             variant, config=args.config, batch_size=batch_size, checkpointing=checkpointing, device=device,
@@ -366,6 +421,8 @@ def main(argv=None) -> dict:
         if args.json:  # after every run: a suite stopped by its time limit keeps what it measured
             results["targets"] = evaluate_targets(results["runs"], on_gpu)
             write_json(args.json, results)
+    variant_order = list(VARIANTS)  # the table in the order of an uninterrupted run, also after a resume
+    results["runs"].sort(key=lambda r: (r["batch_size"], r["gradient_checkpointing"], variant_order.index(r["variant"])))
     results["targets"] = evaluate_targets(results["runs"], on_gpu)
     print_report(results)
     if args.json:  # written after the last run above

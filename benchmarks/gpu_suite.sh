@@ -8,10 +8,13 @@
 #
 #   benchmarks/gpu_suite.sh [OUTPUT_DIR]
 #
-# SUITE_BUDGET_S (default 540) caps the whole suite: each stage gets min(its own cap, what is left) and is stopped
-# (SIGTERM) at its limit; the benchmark scripts write their JSON after every shape or run, so a stopped stage keeps
+# SUITE_BUDGET_S (default 540) caps the whole suite: each stage gets min(its own cap, what is left less the floors
+# kept for the selected stages after it) and is stopped (SIGTERM) at its limit, so a slow early stage cannot starve
+# the end-to-end step; the benchmark scripts write their JSON after every shape or run, so a stopped stage keeps
 # what it measured.  A stage that would get under 20 s is skipped.  SUITE_STAGES="build linear-ratios ..." runs only
-# the stages named, SUITE_TESTS="tests/... ..." other tests in the kernel-tests stage.  The suite also runs on a
+# the stages named, SUITE_TESTS="tests/... ..." other tests in the kernel-tests stage, SUITE_E2E_ARGS="..." adds
+# arguments to e2e_unet.py (e.g. "--resume FILE --batch-sizes 4": the runs a first call did not reach; later
+# arguments win).  The suite also runs on a
 # machine without a GPU (small CPU sizes, the Triton interpreter; the results then stay in OUTPUT_DIR), which is how
 # tests/test_gpu_suite.py checks its plumbing.
 set -uo pipefail
@@ -35,18 +38,36 @@ fi
 status=0
 stages=()
 
-# stage NAME CAP_SECONDS COMMAND...: run COMMAND under min(CAP, budget left); record "name rc seconds"
+# The stages in the order they run, and the seconds each keeps back from the stages before it (its floor).
+order=(build kernel-tests linear-ratios lora-ratios conv-ratios e2e-unet microbench)
+declare -A floor=([linear-ratios]=45 [lora-ratios]=30 [conv-ratios]=30 [e2e-unet]=150)
+
+selected() { [[ -z ${SUITE_STAGES:-} || " $SUITE_STAGES " == *" $1 "* ]]; }
+
+# reserved_after NAME: the floors of the selected stages that run after NAME
+reserved_after() {
+  local later=0 total=0 name
+  for name in "${order[@]}"; do
+    ((later)) && selected "$name" && total=$((total + ${floor[$name]:-0}))
+    [[ $name == "$1" ]] && later=1
+  done
+  echo "$total"
+}
+
+# stage NAME CAP_SECONDS COMMAND...: run COMMAND under min(CAP, budget left - floors of later stages); record
+# "name rc seconds"
 stage() {
   local name=$1 cap=$2
   shift 2
   local left=$((budget - SECONDS)) limit
-  limit=$((cap < left ? cap : left))
-  if [[ -n ${SUITE_STAGES:-} && " $SUITE_STAGES " != *" $name "* ]]; then
+  if ! selected "$name"; then
     stages+=("$name not-selected 0")
     return
   fi
+  local room=$((left - $(reserved_after "$name")))
+  limit=$((cap < room ? cap : room))
   if ((limit < 20)); then
-    echo "== $name: skipped, ${left}s of the budget left"
+    echo "== $name: skipped, ${left}s of the budget left ($((left - room))s kept for the stages after it)"
     stages+=("$name skipped 0")
     return
   fi
@@ -90,11 +111,12 @@ stage linear-ratios 75 $python benchmarks/linear_ratios.py --json "$out/linear_r
 stage lora-ratios 60 $python benchmarks/lora_ratios.py --json "$out/lora_ratios.json"
 stage conv-ratios 60 $python benchmarks/conv_ratios.py --json "$out/conv_ratios.json"
 if ((on_gpu)); then
-  stage e2e-unet 200 $python benchmarks/e2e_unet.py --config sd15 --json "$out/e2e_unet.json"
+  e2e_args=(--config sd15)
 else
-  stage e2e-unet 200 $python benchmarks/e2e_unet.py --config tiny --latent-size 8 --batch-sizes 1 --repeats 1 \
-    --warmup 0 --json "$out/e2e_unet.json"
+  e2e_args=(--config tiny --latent-size 8 --batch-sizes 1 --repeats 1 --warmup 0)
 fi
+read -r -a extra_e2e_args <<<"${SUITE_E2E_ARGS:-}"
+stage e2e-unet 200 $python benchmarks/e2e_unet.py "${e2e_args[@]}" "${extra_e2e_args[@]}" --json "$out/e2e_unet.json"
 stage microbench 120 $python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
   --benchmark-json="$out/microbench.json"
 

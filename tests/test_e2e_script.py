@@ -109,6 +109,49 @@ def test_targets_evaluated_for_every_pair(results):
             assert target["limit_bytes"] == target["a_bytes"] + target["allowance_bytes"]
 
 
+E2E_TINY = ["--config", "tiny", "--latent-size", "8", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0"]
+
+
+def run_e2e(*args):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e_unet.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_resume_keeps_earlier_runs_and_runs_the_missing_and_failed_ones(results, tmp_path):
+    """--resume (what a second GPU call uses when the first was stopped at its limit): the earlier runs stay as
+    they were, a run that is missing or ended in an error runs again, the targets cover both."""
+    def key(run):
+        return run["variant"], run["gradient_checkpointing"]
+    missing, failed = ("peft-lora", True), ("ours-lora", True)
+    earlier = dict(results, runs=[dict(r, status="error", reason="RuntimeError: x") if key(r) == failed else r
+                                  for r in results["runs"] if key(r) != missing])
+    partial, out = tmp_path / "partial.json", tmp_path / "resumed.json"
+    partial.write_text(json.dumps(earlier))
+    done = run_e2e(*E2E_TINY, "--resume", str(partial), "--json", str(out))
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert f"{len(results['runs']) - 2} runs kept, 2 to run" in done.stdout
+    resumed = json.loads(out.read_text())
+    assert [key(r) for r in resumed["runs"]] == [key(r) for r in results["runs"]]  # the uninterrupted order
+    for before, after in zip(results["runs"], resumed["runs"]):
+        assert after["status"] == "ok"
+        if key(before) in (missing, failed):
+            assert after["step_seconds"] != before["step_seconds"]  # measured again (float timings never repeat)
+        else:
+            assert after == before
+    assert {t["status"] for t in resumed["targets"]} <= {"met", "missed"} and len(resumed["targets"]) == 12
+    assert resumed["resumed_from"] == {"path": str(partial), "runs_kept": len(results["runs"]) - 2}
+
+
+def test_resume_refuses_a_file_measured_differently(results, tmp_path):
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(results))
+    done = run_e2e(*E2E_TINY, "--repeats", "2", "--resume", str(partial))
+    assert done.returncode == 2 and "measured differently: repeats (1 there, 2 here)" in done.stderr, done.stderr
+    partial.write_text("{not json")
+    done = run_e2e(*E2E_TINY, "--resume", str(partial))
+    assert done.returncode == 2 and "cannot read it" in done.stderr, done.stderr
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the paper-style baseline
 # --------------------------------------------------------------------------------------------------------------

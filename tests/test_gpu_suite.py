@@ -50,6 +50,20 @@ def test_a_spent_budget_skips_every_stage_without_failing(tmp_path):
     assert "skipped" in (tmp_path / "suite.log").read_text()
 
 
+def test_floors_keep_time_for_the_end_to_end_stage(tmp_path):
+    """A stage gets what is left less the floors of the selected stages after it: with 169 s of budget the
+    e2e stage's 150 s floor leaves linear-ratios under 20 s (skipped), and e2e-unet still runs, with the
+    arguments SUITE_E2E_ARGS adds."""
+    done, summary = run_suite(tmp_path, SUITE_BUDGET_S="169", SUITE_STAGES="linear-ratios e2e-unet",
+                              SUITE_E2E_ARGS="--variants full-ft --checkpointing off")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert outcomes(summary)["linear-ratios"] == "skipped (budget)"
+    assert outcomes(summary)["e2e-unet"] == "ok"
+    assert "150s kept for the stages after it" in done.stdout
+    runs = json.loads((tmp_path / "e2e_unet.json").read_text())["runs"]
+    assert [(r["variant"], r["gradient_checkpointing"], r["status"]) for r in runs] == [("full-ft", False, "ok")]
+
+
 @pytest.mark.parametrize("value", ["0", "1"])
 def test_autotune_switch_sets_the_config_lists(value):
     """BNN_TRITON_AUTOTUNE=0 leaves each autotuned kernel one config (what the suite's GPU tests run with)."""
