@@ -76,11 +76,31 @@ def test_autotune_switch_sets_the_config_lists(value):
     assert (counts == [1, 1]) if value == "0" else min(counts) > 1
 
 
-def test_autotune_switch_rejects_other_values():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "BNN_TRITON_AUTOTUNE": "yes"}
+@pytest.mark.parametrize("value", [None, "0", "1"])
+def test_autotune_picks_are_kept_on_disk_unless_switched_off(value):
+    """BNN_TRITON_AUTOTUNE_CACHE (default 1): every autotuned kernel passes Triton's cache_results."""
+    code = ("from bnn_kernels.triton import common, conv, linear, lora\n"
+            "import triton\n"
+            "tuners = [k for m in (linear, lora, conv) for k in vars(m).values()"
+            " if isinstance(k, triton.runtime.Autotuner)]\n"
+            "print(len(tuners), *sorted({k.cache_results for k in tuners}))")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    env.pop("BNN_TRITON_AUTOTUNE_CACHE", None)
+    env.pop("TRITON_CACHE_AUTOTUNING", None)  # Triton's own switch, which turns it on as well
+    if value is not None:
+        env["BNN_TRITON_AUTOTUNE_CACHE"] = value
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, *states = done.stdout.split()
+    assert int(count) >= 9 and states == (["False"] if value == "0" else ["True"])
+
+
+@pytest.mark.parametrize("name", ["BNN_TRITON_AUTOTUNE", "BNN_TRITON_AUTOTUNE_CACHE"])
+def test_autotune_switches_reject_other_values(name):
+    env = {**os.environ, "TRITON_INTERPRET": "0", name: "yes"}
     done = subprocess.run([sys.executable, "-c", "import bnn_kernels.triton.linear"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "BNN_TRITON_AUTOTUNE must be 0 or 1" in done.stderr
+    assert done.returncode != 0 and f"{name} must be 0 or 1" in done.stderr
 
 
 def test_result_log_writes_each_outcome_as_it_comes(tmp_path):

@@ -18,6 +18,11 @@ _BLOCK_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 # benchmarking.  Each new shape otherwise compiles and times every config (seconds per kernel and shape): right for
 # training, where shapes repeat, and too slow for a test suite of many odd shapes on a GPU.
 AUTOTUNE_ENV = "BNN_TRITON_AUTOTUNE"
+# BNN_TRITON_AUTOTUNE_CACHE=0 (read at import; default 1) keeps autotune's picks in memory only.  By default each
+# pick is also written to Triton's cache directory (Triton's cache_results), keyed by the Triton version, the GPU
+# target, the kernel's source, the shape key and the configs: the next training run with the same shapes on the
+# same kind of GPU starts without timing every config again.
+AUTOTUNE_CACHE_ENV = "BNN_TRITON_AUTOTUNE_CACHE"
 
 
 # A launch option every kernel passes: multiply-adds contracted into FMA instructions.  That is Triton's default
@@ -27,25 +32,36 @@ AUTOTUNE_ENV = "BNN_TRITON_AUTOTUNE"
 FP_FUSION = {"enable_fp_fusion": True}
 
 
-def autotune_enabled() -> bool:
-    value = os.environ.get(AUTOTUNE_ENV, "1").strip()
+def _switch(name: str) -> bool:
+    """An on/off environment setting ("0" or "1", default "1")."""
+    value = os.environ.get(name, "1").strip()
     if value not in ("0", "1"):
-        raise ValueError(f"{AUTOTUNE_ENV} must be 0 or 1, got {value!r}")
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def autotune_enabled() -> bool:
+    return _switch(AUTOTUNE_ENV)
+
+
+def autotune_cache_enabled() -> bool:
+    return _switch(AUTOTUNE_CACHE_ENV)
 
 
 def tuned(gpu_configs, key=("M", "N", "K")):
     """``triton.autotune`` over ``gpu_configs`` on a GPU (only the first with BNN_TRITON_AUTOTUNE=0, which Triton
-    then launches without timing); the plain kernel under the interpreter.
+    then launches without timing), its picks kept on disk unless BNN_TRITON_AUTOTUNE_CACHE=0; the plain kernel
+    under the interpreter.
 
     The interpreter cannot autotune over several configs, so there the launcher passes ``interpreter_meta``.
     """
     configs = gpu_configs if autotune_enabled() else gpu_configs[:1]
+    keep_picks = autotune_cache_enabled()
 
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        return triton.autotune(configs=configs, key=list(key))(kernel)
+        return triton.autotune(configs=configs, key=list(key), cache_results=keep_picks)(kernel)
     return wrap
 
 
