@@ -66,7 +66,7 @@ template <typename T>
 BNN_INLINE T sigma_of(T rho, bool softplus_param) {
   if (softplus_param) return softplus(rho);
   const T floor = static_cast<T>(kMinSigma);
-  return rho > floor ? rho : floor;
+  return rho < floor ? floor : rho;  // a NaN rho stays NaN, as torch.clamp_min keeps it
 }
 
 // ds/drho: sigmoid(rho) for softplus, [rho >= 1e-7] for direct (0 where the clamp holds sigma).

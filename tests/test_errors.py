@@ -99,3 +99,40 @@ def test_debug_checks_catch_non_finite_values():
             bk.bayes_linear(good["x"], good["mu"], rho, seed=1)
     finally:
         bk.set_debug_checks(False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a NaN parameter is never hidden
+# --------------------------------------------------------------------------------------------------------------
+
+from helpers import BACKENDS, device_for  # noqa: E402
+
+
+def _nan_rho(shape):
+    rho = torch.full(shape, 0.02)
+    rho.view(-1)[1] = float("nan")
+    return rho
+
+
+NAN_CALLS = {
+    "linear": lambda d, **kw: bk.bayes_linear(torch.randn(3, 4, device=d), torch.randn(5, 4, device=d),
+                                              _nan_rho((5, 4)).to(d), seed=1, **kw),
+    "conv": lambda d, **kw: bk.bayes_conv2d(torch.randn(1, 2, 5, 5, device=d), torch.randn(3, 2, 3, 3, device=d),
+                                            _nan_rho((3, 2, 3, 3)).to(d), padding=1, seed=1, **kw),
+    "lora": lambda d, **kw: bk.bayes_lora_linear(torch.randn(3, 4, device=d), torch.randn(5, 4, device=d), None,
+                                                 torch.randn(2, 4, device=d), torch.randn(5, 2, device=d),
+                                                 _nan_rho((5, 2)).to(d), scale=1.0, bayes="B", seed=1, **kw),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", sorted(NAN_CALLS))
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+@pytest.mark.parametrize("sigma_param", ["direct", "softplus"])
+def test_a_nan_in_rho_reaches_the_output_and_the_kl(backend, op, estimator, sigma_param):
+    """sigma of a NaN rho is NaN on every backend (the "direct" clamp at 1e-7 keeps it, as torch.clamp_min does),
+    so a diverged posterior shows in the loss instead of training on at sigma = 1e-7."""
+    with bk.use_backend(backend):
+        y, kl = NAN_CALLS[op](device_for(backend), estimator=estimator, sigma_param=sigma_param, prior_sigma=0.1)
+    assert torch.isnan(y).any(), "the NaN sigma must reach the output"
+    assert torch.isnan(kl), "the NaN sigma must reach the KL"

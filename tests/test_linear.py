@@ -1,4 +1,6 @@
 """bayes_linear: forward and every gradient against the float64 materialising oracle, on every backend."""
+import types
+
 import pytest
 import torch
 
@@ -160,6 +162,34 @@ def test_gradcheck_float64(backend, estimator, sigma_param):
 # --- the triton backend's variants: BNN_TRITON_REPARAM, BNN_TRITON_LRT, and the GPU's tensor cores ---------------
 
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton needs a GPU or TRITON_INTERPRET=1")
+
+
+@needs_triton
+def test_triton_entry_points_launch_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, so every backend function makes its first tensor's device
+    current (here with a stand-in for torch.cuda.device: no GPU); CPU tensors (the interpreter) need no guard."""
+    import bnn_kernels.triton as backend
+    from bnn_kernels.triton.common import on_operands_device
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    on_gpu1 = types.SimpleNamespace(device=torch.device("cuda", 1))  # what the guard reads of a tensor
+    probe = on_operands_device(lambda first, *rest, **named: (first, rest, named))
+    assert probe(on_gpu1, 2, key=3) == (on_gpu1, (2,), {"key": 3}) and entered == [torch.device("cuda", 1)]
+    assert probe(torch.zeros(1), 2)[1] == (2,) and len(entered) == 1  # a CPU tensor: no CUDA call at all
+    for name in ("gaussian_kl_fwd", "gaussian_kl_bwd", "linear_fwd", "linear_bwd", "conv_fwd", "conv_bwd",
+                 "lora_linear_fwd", "lora_linear_bwd", "lora_conv2d_fwd", "lora_conv2d_bwd"):
+        assert getattr(backend, name).__wrapped__.__name__ == name, f"{name} is not device-guarded"
 
 
 @needs_triton

@@ -520,3 +520,28 @@ def test_compiled_model_matches_eager_and_does_not_recompile(backend):
     assert_compiled_matches_eager(model, torch.randn(2, 3, 5, 5), backend)
     assert model.conv.weight.grad is None and model.linear.weight.grad is None
     assert all(p.grad is not None for p in (model.conv_a, model.conv_b, model.conv_rho, model.lin_a, model.lin_rho))
+
+
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
+def test_backends_read_non_contiguous_operands_by_value(backend):
+    """A backend called directly (not through bk.bayes_lora_linear, which passes contiguous tensors) with
+    transposed views of x, the weight and the factors computes what it does on contiguous copies."""
+    from bnn_kernels import registry
+    device = device_for(backend)
+    generator = torch.Generator().manual_seed(3)
+
+    def operand(*shape):  # a transposed view of a (shape reversed) tensor: same values, other strides
+        return torch.randn(*reversed(shape), generator=generator).to(device).t()
+
+    x, weight, lora_a, lora_b, rho = operand(9, 20), operand(24, 20), operand(4, 20), operand(24, 4), operand(24, 4)
+    rho = rho.abs() * 0.1
+    seed = torch.tensor(5, dtype=torch.int64, device=device)
+    args = (None, 0.5, "B", 0.1, "direct", "reparam")
+    module = registry.get(backend)
+    with bk.use_backend(backend):
+        strided = module.lora_linear_fwd(x, weight, None, lora_a, lora_b, rho, seed, *args[1:])
+        dense = module.lora_linear_fwd(*(t.contiguous() for t in (x, weight)), None,
+                                       *(t.contiguous() for t in (lora_a, lora_b, rho)), seed, *args[1:])
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    for got, want in zip(strided[:2], dense[:2]):
+        torch.testing.assert_close(got, want)

@@ -31,11 +31,18 @@ except ImportError:  # pragma: no cover - the backend is simply unavailable
     triton = None
 
 if triton is not None:
-    from .kl import gaussian_kl_bwd, gaussian_kl_fwd
-    from .conv import conv_bwd, conv_fwd
-    from .linear import linear_bwd, linear_fwd, reparam_variant
-    from .lora import lora_conv2d_bwd, lora_conv2d_fwd, lora_linear_bwd, lora_linear_fwd
-    from .philox import philox_normal
+    from . import conv, kl, linear, lora
+    from .common import on_operands_device
+    from .linear import reparam_variant
+    from .philox import philox_normal  # launches on its ``device`` argument
+
+    # Every other entry point launches on the device of its first tensor (the op's x, grad_y or mu).
+    gaussian_kl_fwd, gaussian_kl_bwd = on_operands_device(kl.gaussian_kl_fwd), on_operands_device(kl.gaussian_kl_bwd)
+    conv_fwd, conv_bwd = on_operands_device(conv.conv_fwd), on_operands_device(conv.conv_bwd)
+    linear_fwd, linear_bwd = on_operands_device(linear.linear_fwd), on_operands_device(linear.linear_bwd)
+    lora_linear_fwd, lora_linear_bwd = on_operands_device(lora.lora_linear_fwd), on_operands_device(lora.lora_linear_bwd)
+    lora_conv2d_fwd = on_operands_device(lora.lora_conv2d_fwd)
+    lora_conv2d_bwd = on_operands_device(lora.lora_conv2d_bwd)
 else:  # pragma: no cover
     def _unavailable(*args, **kwargs):
         raise RuntimeError("the triton backend needs the triton package")

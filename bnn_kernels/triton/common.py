@@ -1,6 +1,7 @@
 """Launch helpers shared by the Triton kernels: interpreter gating, autotune lists, GEMM precision, dtypes."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -38,6 +39,19 @@ def _switch(name: str) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def on_operands_device(function):
+    """``function`` run with its first argument's CUDA device current.  Triton launches on the current device and
+    its current stream, not on the tensors' device: without this, tensors on cuda:1 while cuda:0 is current (a
+    model moved without torch.cuda.set_device) would be read by kernels running on the wrong GPU."""
+    @functools.wraps(function)
+    def guarded(first, *args, **kwargs):
+        if first.device.type != "cuda":
+            return function(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return function(first, *args, **kwargs)
+    return guarded
 
 
 def autotune_enabled() -> bool:
@@ -143,6 +157,12 @@ def prior_constants(prior_sigma: float):
 # The interpreter stores bfloat16 as uint16: its float32 -> bfloat16 cast truncates (the GPU rounds to nearest
 # even) and its tl.dot cannot multiply bfloat16.  On a GPU both helpers reduce to a plain cast / tl.dot.
 IS_INTERPRET = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def clamp_min(t, floor):
+    """max(t, floor) that keeps a NaN, as torch.clamp_min does (tl.maximum returns the number, as fmax does)."""
+    return tl.where(t < floor, floor, t)
 
 
 @triton.jit

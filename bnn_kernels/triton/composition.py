@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP_FUSION, lrt_var_dtype, prior_constants, squared, to_dtype
+from .common import FP_FUSION, clamp_min, lrt_var_dtype, prior_constants, squared, to_dtype
 from .kl import load_posterior, store_reparam_grads
 from .sample import sigma_squared
 
@@ -53,7 +53,7 @@ def _lrt_output_kernel(mean_ptr, var_ptr, seed_ptr, y_ptr, std_ptr, numel, BLOCK
     mask = offs < numel
     mean = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    std = tl.sqrt(tl.maximum(var, 0.0))
+    std = tl.sqrt(clamp_min(var, 0.0))
     y = mean + std * tl.randn(tl.load(seed_ptr), offs)
     tl.store(y_ptr + offs, to_dtype(y, y_ptr.dtype.element_ty), mask=mask)
     tl.store(std_ptr + offs, to_dtype(std, std_ptr.dtype.element_ty), mask=mask)

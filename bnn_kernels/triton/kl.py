@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP_FUSION, INTERPRET, prior_constants, to_dtype
+from .common import FP_FUSION, INTERPRET, clamp_min, prior_constants, to_dtype
 
 MIN_SIGMA = 1e-7  # bnn_kernels.sigma.MIN_SIGMA: the "direct" parameterisation clamps sigma here
 
@@ -34,7 +34,7 @@ def sigma_of(rho, SOFTPLUS: tl.constexpr):
     if SOFTPLUS:
         sigma, _ = _softplus_parts(rho)
     else:
-        sigma = tl.maximum(rho, 1e-7)
+        sigma = clamp_min(rho, 1e-7)
     return sigma
 
 
@@ -45,7 +45,7 @@ def sigma_and_slope(rho, SOFTPLUS: tl.constexpr):
         sigma, z = _softplus_parts(rho)
         slope = tl.where(rho >= 0.0, 1.0 / (1.0 + z), z / (1.0 + z))
     else:
-        sigma = tl.maximum(rho, 1e-7)
+        sigma = clamp_min(rho, 1e-7)
         slope = tl.where(rho >= 1e-7, 1.0, 0.0)
     return sigma, slope
 

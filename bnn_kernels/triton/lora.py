@@ -331,6 +331,9 @@ def _factor_operands(x, lora_a, lora_b, rho, seed, bayes, prior_sigma, sigma_par
 
 def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma, sigma_param, estimator):
     """(y, kl, h, aux): y (M, N) in x's dtype, kl float32 (), h (M, r) float32, aux (M, r) for lrt "A" else empty."""
+    # the kernels step through rows by the row length
+    x, weight, lora_a, lora_b, rho = (t.contiguous() for t in (x, weight, lora_a, lora_b, rho))
+    bias = None if bias is None else bias.contiguous()
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     if min(M, N, K) == 0:  # nothing to launch; the reference handles empty GEMMs
@@ -367,6 +370,7 @@ def _lrt_factor_grads(grad_mean, grad_var, grad_kl, mean, rho, prior_sigma, sigm
 def lora_linear_bwd(grad_y, grad_kl, x, weight, lora_a, lora_b, rho, seed, h, aux, scale, bayes, prior_sigma,
                     sigma_param, estimator, need_dx):
     """(dx or None, dA, dB, drho); the Bayesian factor's gradients include grad_kl times the KL gradient."""
+    x, weight, lora_a, lora_b, rho, h, aux = (t.contiguous() for t in (x, weight, lora_a, lora_b, rho, h, aux))
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     if min(M, N, K) == 0:
