@@ -38,11 +38,19 @@ def list_images(directory, what: str = "image directory") -> list:
     images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(f"{what} {str(path)!r} holds no image (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    for image in images:  # now, not when a batch first draws it, hours into a run
+        try:
+            with Image.open(image) as opened:
+                opened.verify()
+        except Exception as error:  # PIL raises several types for unreadable or truncated files
+            raise ValueError(f"{what}: {str(image)!r} is not a readable image ({type(error).__name__}: {error}); "
+                             "remove it or convert it") from None
     return images
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit hash of integers (splitmix64 steps): independent seeds for (seed, pass) and (seed, item)."""
+def mix_seed(*values: int) -> int:
+    """A 63-bit hash of integers (splitmix64 steps): independent seeds for (seed, pass), (seed, item) and the
+    trainer's (seed, class image)."""
     state = 0x9E3779B97F4A7C15
     for value in values:
         state = (state ^ (int(value) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
@@ -102,7 +110,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> dict:
         index, crop_seed = key if isinstance(key, tuple) else (key, 0)
-        load = lambda path, salt: load_image(path, self.resolution, self.center_crop, _mix(crop_seed, salt))
+        load = lambda path, salt: load_image(path, self.resolution, self.center_crop, mix_seed(crop_seed, salt))
         item = {"instance": load(self.instance_images[index % len(self.instance_images)], 0)}
         if self.class_images is not None:
             item["class"] = load(self.class_images[index % len(self.class_images)], 1)
@@ -144,7 +152,7 @@ class BatchStream(torch.utils.data.Sampler):
 
     def permutation(self, pass_index: int) -> list:
         if pass_index != self._pass:
-            generator = torch.Generator().manual_seed(_mix(self.seed, pass_index))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, pass_index))
             self._pass, self._perm = pass_index, torch.randperm(self.length, generator=generator).tolist()
         return self._perm
 
@@ -153,7 +161,7 @@ class BatchStream(torch.utils.data.Sampler):
         items = []
         for position in range(first, first + self.batch_size):
             pass_index, offset = divmod(position, self.length)
-            items.append((self.permutation(pass_index)[offset], _mix(self.seed, position, 0xC0)))
+            items.append((self.permutation(pass_index)[offset], mix_seed(self.seed, position, 0xC0)))
         return items
 
     def __iter__(self) -> Iterator[list]:

@@ -15,8 +15,9 @@ Run it as ``bnn-diffusion finetune ...``, ``python -m bnn_diffusion.train ...`` 
 * ``--cep gaussian|uniform --cep_gamma``: condition-embedding perturbation during training (``bnn_diffusion.cep``).
 
 Outputs in ``--output_dir``: ``metrics.jsonl`` (one JSON record per optimizer step: loss, MSE, KL, sigma statistics,
-learning rate, gradient norm), ``metrics.png`` (the curves), ``validation/step-<N>.png`` (image grids of
-``--validation_prompt`` at each checkpoint and at the end), ``checkpoint-<N>/`` (every ``--checkpointing_steps``,
+learning rate, gradient norm), ``metrics.png`` (the curves), ``validation/step-<NNNNNN>.png`` (image grids of
+``--validation_prompt`` every ``--validation_steps``, default at each checkpoint, and at the end), ``checkpoint-<N>/``
+(every ``--checkpointing_steps``,
 written to a temporary directory and renamed into place), ``training_config.json``, and the result with the posterior
 means merged in: ``pytorch_lora_weights.safetensors`` for ``--method lora`` (load it with
 ``StableDiffusionPipeline.load_lora_weights``), ``unet/`` (``UNet2DConditionModel.from_pretrained``) otherwise.
@@ -87,6 +88,9 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     model = parser.add_argument_group("model and data")
     model.add_argument("--pretrained_model_name_or_path", required=True,
                        help="a local diffusers Stable Diffusion checkpoint (a directory with model_index.json)")
+    model.add_argument("--variant", default=None,
+                       help="weight files of that variant, e.g. fp16 for a checkpoint saved with only "
+                            "*.fp16.safetensors; the UNet still trains in float32")
     model.add_argument("--instance_data_dir", required=True, help="directory of the few subject images")
     model.add_argument("--instance_prompt", required=True, help='prompt naming the subject, e.g. "a photo of sks dog"')
     model.add_argument("--class_data_dir", default=None,
@@ -101,7 +105,7 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     model.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
     model.add_argument("--num_class_inference_steps", type=int, default=50,
                        help="denoising steps per generated class image")
-    model.add_argument("--prior_generation_precision", choices=("fp32", "fp16", "bf16"), default=None,
+    model.add_argument("--prior_generation_precision", choices=("no", "fp32", "fp16", "bf16"), default=None,
                        help="dtype for generating class images (default: fp16 on a GPU, fp32 on the CPU)")
     model.add_argument("--resolution", type=int, default=512, help="training resolution (square, multiple of the "
                                                                      "VAE's downsampling factor)")
@@ -136,7 +140,9 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     opt.add_argument("--max_train_steps", type=int, default=None,
                      help="optimizer steps (overrides --num_train_epochs)")
     opt.add_argument("--num_train_epochs", type=int, default=1,
-                     help="passes over the instance images, when --max_train_steps is not given")
+                     help="when --max_train_steps is not given: the steps of this many passes over the images, "
+                          "counted as diffusers does (a pass's last batch counted as a step even when not full; "
+                          "batches here are always full, so the metrics' epoch can run ahead)")
     opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     opt.add_argument("--gradient_checkpointing", action="store_true",
                      help="recompute activations in backward (less memory, slower)")
@@ -148,7 +154,8 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     opt.add_argument("--lr_scheduler", default="constant",
                      choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                               "constant_with_warmup"), help="learning-rate schedule")
-    opt.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
+    opt.add_argument("--lr_warmup_steps", type=int, default=500,
+                     help="warm-up steps of the schedule (ignored by 'constant', the default schedule)")
     opt.add_argument("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
     opt.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
     opt.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
@@ -161,6 +168,11 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     opt.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                      help="autocast dtype (default: accelerate's configuration, else no); fp16 needs a GPU")
     opt.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
+    opt.add_argument("--snr_gamma", type=float, default=None,
+                     help="Min-SNR loss weighting (Hang et al. 2023) of the instance loss: min(SNR, gamma) / SNR "
+                          "for epsilon prediction, / (SNR + 1) for v-prediction; 5 is the usual value")
+    opt.add_argument("--offset_noise", action="store_true",
+                     help="add 0.1 x a per-channel normal to the noise (offset noise, as diffusers' flag)")
     opt.add_argument("--seed", type=int, default=None, help="seed for a reproducible run")
 
     out = parser.add_argument_group("outputs")
@@ -171,6 +183,8 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
                      help="a checkpoint directory, or 'latest' (the newest in --output_dir; starts afresh if none)")
     out.add_argument("--validation_prompt", default=None,
                      help="prompt for the image grids written at each checkpoint and at the end")
+    out.add_argument("--validation_steps", type=int, default=None,
+                     help="write a validation grid every N steps (default: at each checkpoint) and at the end")
     out.add_argument("--num_validation_images", type=int, default=4, help="images per validation grid")
     out.add_argument("--validation_inference_steps", type=int, default=25, help="denoising steps per validation image")
     return parser
@@ -200,8 +214,11 @@ def _check_args(args: argparse.Namespace) -> Optional[str]:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
     if args.max_train_steps is not None and args.max_train_steps < 1:
         return f"--max_train_steps must be >= 1, got {args.max_train_steps}"
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        return f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}"
+    for name in ("checkpoints_total_limit", "validation_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
+        return f"--snr_gamma must be a finite number > 0, got {args.snr_gamma}"
     for name in ("kl_weight", "prior_loss_weight", "cep_gamma", "max_grad_norm", "adam_weight_decay"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
@@ -299,16 +316,18 @@ class Components:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load_components(path) -> Components:
+def load_components(path, variant: Optional[str] = None) -> Components:
+    """The pipeline's parts from a local checkpoint (``variant``: the weight files' variant, e.g. "fp16"); the UNet
+    in float32, whatever the files hold."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     try:
         return Components(
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant).float(),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"))
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"--pretrained_model_name_or_path {str(path)!r}: cannot load the pipeline's parts "
@@ -348,6 +367,22 @@ def prepare_unet(unet: torch.nn.Module, args: argparse.Namespace) -> list:
     # After DiffFit: its scaled branch outputs (attn1.to_out.0, ff.net.2) are no longer plain linears, so the preset
     # makes the other matched layers Bayesian; DiffFit's trainable set stays as it is.
     return patch(unet, args.preset, freeze_others=False, **bayes_options)
+
+
+def steps_for_epochs(epochs: int, items: int, batch_size: int, accumulation: int, processes: int) -> int:
+    """Optimizer steps of ``epochs`` passes, counted as diffusers' DreamBooth scripts count them: each process
+    loads ceil(ceil(items / batch_size) / processes) batches per epoch, and a pass ends with a step even when
+    fewer than ``accumulation`` batches are left."""
+    batches = math.ceil(math.ceil(items / batch_size) / processes)
+    return epochs * math.ceil(batches / accumulation)
+
+
+def frozen_parameters_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters that do not train to ``dtype`` (the autocast dtype, which their GEMMs run in anyway):
+    SD 1.5's frozen UNet under LoRA takes 1.7 GB in bfloat16 instead of 3.4 GB; the trained ones stay float32."""
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def merged_unet(unet: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
@@ -431,39 +466,62 @@ def encode_prompt(components: Components, prompt: str, device) -> torch.Tensor:
 
 def generate_class_images(args: argparse.Namespace, accelerator) -> None:
     """Fill ``--class_data_dir`` up to ``--num_class_images`` images of ``--class_prompt`` with the pretrained
-    pipeline (main process; the others wait)."""
+    pipeline, the missing images split over the processes (each image is a function of --seed and its file
+    index, so the folder is the same on any number of GPUs)."""
     directory = Path(args.class_data_dir)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"--class_data_dir {str(directory)!r} is not a directory")
     have = data_lib.count_images(directory)
-    if accelerator.is_main_process and have < args.num_class_images:
+    if have >= args.num_class_images:
+        return
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    targets = _new_class_image_indices(directory, args.num_class_images - have)
+    accelerator.wait_for_everyone()  # every process listed the folder before any writes to it
+    mine = targets[accelerator.process_index::accelerator.num_processes]
+    if mine:
         from diffusers import StableDiffusionPipeline
         from tqdm.auto import tqdm
 
-        directory.mkdir(parents=True, exist_ok=True)
         precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
         pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False)
+            args.pretrained_model_name_or_path, variant=args.variant, safety_checker=None,
+            requires_safety_checker=False)
         pipeline.to(accelerator.device, PRECISIONS[precision])
         pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator(accelerator.device).manual_seed(args.seed if args.seed is not None else 0)
-        missing = args.num_class_images - have
-        with tqdm(total=missing, desc="class images", unit="img") as progress:
-            index = have
-            while index < args.num_class_images:
-                count = min(args.sample_batch_size, args.num_class_images - index)
-                images = pipeline([args.class_prompt] * count, num_inference_steps=args.num_class_inference_steps,
-                                  generator=generator).images
-                for image in images:
-                    path = directory / f"class-{index:05d}.png"
-                    while path.exists():  # never overwrite a file of the user's
-                        index += 1
-                        path = directory / f"class-{index:05d}.png"
-                    _save_image_atomic(image, path)
-                    index += 1
-                    progress.update(1)
+        base_seed = args.seed if args.seed is not None else 0
+        with tqdm(total=len(mine), desc="class images", unit="img",
+                  disable=not accelerator.is_local_main_process) as progress:
+            for start in range(0, len(mine), args.sample_batch_size):
+                batch = mine[start:start + args.sample_batch_size]
+                # one generator per image, seeded by its file's index: images added later to a folder (a run
+                # stopped while generating, a larger --num_class_images) are new ones, not copies of the first
+                generators = [torch.Generator(accelerator.device).manual_seed(_class_image_seed(base_seed, index))
+                              for index in batch]
+                images = pipeline([args.class_prompt] * len(batch), num_inference_steps=args.num_class_inference_steps,
+                                  generator=generators).images
+                for index, image in zip(batch, images):
+                    _save_image_atomic(image, directory / f"class-{index:05d}.png")
+                progress.update(len(batch))
         del pipeline
     accelerator.wait_for_everyone()
+
+
+def _new_class_image_indices(directory: Path, count: int) -> list:
+    """The ``count`` smallest indices i whose ``class-<i>.png`` does not exist (a file of the user's is never
+    overwritten)."""
+    indices, index = [], 0
+    while len(indices) < count:
+        if not (directory / f"class-{index:05d}.png").exists():
+            indices.append(index)
+        index += 1
+    return indices
+
+
+def _class_image_seed(seed: int, index: int) -> int:
+    """A generator seed that is a function of (--seed, file index) alone, a different one for every index."""
+    return data_lib.mix_seed(seed, index, 0xC1A55)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -516,6 +574,27 @@ def find_checkpoint(spec: str, output_dir) -> Optional[Path]:
     return path
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint of this trainer was written at."""
+    return int(json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))["global_step"])
+
+
+def check_no_later_checkpoints(output_dir, resume_from: Optional[Path]) -> None:
+    """UsageError if ``output_dir`` holds checkpoints after the step this run starts from (0, or that of
+    ``resume_from``): they belong to another run, whose steps this one would interleave with its own in the
+    checkpoints, in ``--resume_from_checkpoint latest`` and in metrics.jsonl."""
+    start = 0 if resume_from is None else checkpoint_step(resume_from)
+    later = [path.name for step, path in list_checkpoints(output_dir) if step > start]
+    if not later:
+        return
+    if resume_from is None:
+        raise UsageError(f"--output_dir {str(output_dir)!r} holds the checkpoints of an earlier run "
+                         f"({', '.join(later)}): continue it with --resume_from_checkpoint latest, or choose "
+                         "another --output_dir")
+    raise UsageError(f"--output_dir {str(output_dir)!r} holds checkpoints after {resume_from.name} "
+                     f"({', '.join(later)}): resume from the newest (latest), or move those away first")
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: Optional[int]) -> Path:
     """``accelerator.save_state`` into a temporary directory renamed to ``checkpoint-<step>`` once complete."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -535,8 +614,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit
             shutil.rmtree(stale)
         else:
             os.replace(temporary, final)
-        if limit is not None:
-            for _, old in list_checkpoints(output_dir)[:-limit]:
+        if limit is not None:  # the one just written and the newest limit - 1 others stay
+            others = [path for _, path in list_checkpoints(output_dir) if path != final]
+            for old in others[:max(0, len(others) - (limit - 1))]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -644,8 +724,9 @@ def validation_images(components: Components, unet: torch.nn.Module, args: argpa
 
 @dataclass
 class TrainResult:
-    """What ``train`` produced: the output directory, the steps run, the merged UNet (eval mode), the metric
-    records, and the result file (``pytorch_lora_weights.safetensors`` or the ``unet/`` directory)."""
+    """What ``train`` produced: the output directory, the steps run, the merged UNet (eval mode; with --method lora
+    under --mixed_precision its frozen weights are in that dtype), the metric records, and the result file
+    (``pytorch_lora_weights.safetensors`` or the ``unet/`` directory)."""
 
     output_dir: Path
     global_step: int
@@ -691,6 +772,17 @@ def _diffusion_target(scheduler, latents, noise, timesteps):
     raise UsageError(f"the checkpoint's scheduler predicts {kind!r}; supported: 'epsilon', 'v_prediction'")
 
 
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) per sample: min(SNR(t), gamma) / SNR(t) for a UNet that
+    predicts the noise, min(SNR(t), gamma) / (SNR(t) + 1) for v-prediction; SNR(t) = alpha_bar / (1 - alpha_bar)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    clipped = torch.clamp_max(snr, gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return torch.where(snr > 0, clipped / snr, 1.0)  # the limit 1 at a zero terminal SNR
+
+
 def batch_loss(unet, base_unet, components: Components, batch: dict, instance_embedding, class_embedding,
                args: argparse.Namespace, weight_dtype, has_kl: bool) -> tuple:
     """(loss, instance MSE, prior MSE, KL) of one batch, as 0-dim float32 tensors; ``loss`` carries the graph.
@@ -707,6 +799,8 @@ def batch_loss(unet, base_unet, components: Components, batch: dict, instance_em
         latents = components.vae.encode(pixels).latent_dist.sample() * components.vae.config.scaling_factor
     latents = latents.float()
     noise = torch.randn_like(latents)
+    if args.offset_noise:  # diffusers' --offset_noise: a per-sample, per-channel shift of the noise
+        noise = noise + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
     noisy = scheduler.add_noise(latents, noise, timesteps)
     text = instance_embedding.expand(num_instance, -1, -1)
@@ -720,9 +814,14 @@ def batch_loss(unet, base_unet, components: Components, batch: dict, instance_em
     target = _diffusion_target(scheduler, latents, noise, timesteps).float()
     zero = torch.zeros((), device=device)
     mse = F.mse_loss(prediction[:num_instance], target[:num_instance])
+    instance_loss = mse
+    if args.snr_gamma is not None:
+        per_sample = (prediction[:num_instance] - target[:num_instance]).square().mean(dim=(1, 2, 3))
+        weights = min_snr_weights(scheduler, timesteps[:num_instance], args.snr_gamma)
+        instance_loss = (per_sample * weights).mean()
     prior_mse = F.mse_loss(prediction[num_instance:], target[num_instance:]) if class_embedding is not None else zero
     kl = kl_loss(base_unet).to(device) if has_kl else zero
-    loss = mse + args.prior_loss_weight * prior_mse + args.kl_weight * kl
+    loss = instance_loss + args.prior_loss_weight * prior_mse + args.kl_weight * kl
     return loss, mse, prior_mse, kl
 
 
@@ -752,6 +851,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         resume_from = find_checkpoint(args.resume_from_checkpoint, output_dir)
         if resume_from is None:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
+    check_no_later_checkpoints(output_dir, resume_from)
 
     # The prior means are buffers equal on every rank: DDP's default re-broadcast of all buffers each forward would
     # send a pretrained copy of every patched weight per step for nothing.
@@ -772,18 +872,16 @@ def train(args: argparse.Namespace) -> TrainResult:
         class_images = _list_images(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
 
     # --- the model
-    components = load_components(args.pretrained_model_name_or_path)
+    components = load_components(args.pretrained_model_name_or_path, args.variant)
     if args.resolution % components.vae_scale_factor:
         raise UsageError(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor "
                          f"{components.vae_scale_factor}")
     for frozen in (components.vae, components.text_encoder):  # inference only: in the autocast dtype
-        frozen.requires_grad_(False).eval()
-        if weight_dtype == torch.float32:
-            frozen.to(accelerator.device)
-        else:
-            frozen.to(accelerator.device, weight_dtype)
+        frozen.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     unet = components.unet
     bayesian_layers = prepare_unet(unet, args)
+    if args.method == "lora":  # as diffusers' LoRA scripts: only the factors are trained and exported
+        frozen_parameters_to(unet, weight_dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -801,8 +899,8 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     dataset = data_lib.DreamBoothDataset(instance_images, args.resolution, class_images, args.center_crop)
     if args.max_train_steps is None:
-        per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-        args.max_train_steps = math.ceil(args.num_train_epochs * len(dataset) / per_step)
+        args.max_train_steps = steps_for_epochs(args.num_train_epochs, len(dataset), args.train_batch_size,
+                                                args.gradient_accumulation_steps, accelerator.num_processes)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,
@@ -881,19 +979,26 @@ def train(args: argparse.Namespace) -> TrainResult:
                                    args.checkpoints_total_limit)
             if accelerator.is_local_main_process:
                 progress.write(f"saved {path}")
-            _report(args, accelerator, components, base_unet, metrics, output_dir, step, validate=True)
+        if step % args.checkpointing_steps == 0 or validates_at(args, step):
+            _report(args, accelerator, components, base_unet, metrics, output_dir, step,
+                    validate=validates_at(args, step))
     progress.close()
 
     # --- the result: posterior means merged
     accelerator.wait_for_everyone()
     base_unet.eval()
     _report(args, accelerator, components, base_unet, metrics, output_dir, global_step,
-            validate=global_step % args.checkpointing_steps != 0)  # a checkpoint step has its grid already
+            validate=not validates_at(args, global_step))  # unless that step has its grid already
     weights_path = _save_result(args, base_unet, output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"wrote {weights_path} and {metrics.path}")
     return TrainResult(output_dir, global_step, base_unet, metrics.records, weights_path, bayesian_layers)
+
+
+def validates_at(args: argparse.Namespace, step: int) -> bool:
+    """Whether step ``step`` writes a validation grid: every --validation_steps, else at each checkpoint."""
+    return step % (args.validation_steps or args.checkpointing_steps) == 0
 
 
 def _report(args, accelerator, components, unet, metrics: MetricsLog, output_dir: Path, step: int,

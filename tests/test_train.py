@@ -8,6 +8,7 @@ returned.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import runpy
 import shutil
@@ -212,6 +213,25 @@ def test_lora_file_loads_into_the_pipeline(tiny_sd, tmp_path, preset, extra):
     _generates(pipeline)
 
 
+@pytest.mark.parametrize("preset", ["none", "paper-lora"])
+def test_lora_under_mixed_precision_keeps_the_frozen_unet_in_its_dtype(tiny_sd, tmp_path, preset):
+    """As diffusers' LoRA scripts: under --mixed_precision bf16 the frozen UNet is stored in bfloat16 (half the
+    memory), the factors train and are exported in float32."""
+    from safetensors.torch import load_file
+
+    output_dir = tmp_path / "out"
+    result = _run(tiny_sd, output_dir, "--method", "lora", "--preset", preset, "--mixed_precision", "bf16",
+                  "--learning_rate", "1e-3")
+    _assert_records(_records(output_dir), 2, bayesian=preset != "none")
+    assert result.unet.conv_in.weight.dtype == torch.bfloat16
+    exported = load_file(str(result.weights_path))
+    assert exported and {t.dtype for t in exported.values()} == {torch.float32}
+    assert any(t.abs().sum() > 0 for name, t in exported.items() if "lora_B" in name or "lora.up" in name)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd[0])
+    pipeline.load_lora_weights(output_dir)
+    _generates(pipeline)
+
+
 @pytest.mark.parametrize("preset, extra", [("none", ()), ("paper-dreambooth", ()),
                                            ("paper-dreambooth", ("--prior_dtype", "bf16"))])
 def test_difffit_merges_into_a_plain_unet(tiny_sd, tmp_path, preset, extra):
@@ -240,6 +260,62 @@ def test_prior_preservation_generates_class_images_and_accumulates(tiny_sd, tmp_
     assert record["prior_mse"] > 0 and record["kl"] is None
     assert record["loss"] == pytest.approx(record["mse"] + record["prior_mse"], rel=1e-5)
     assert record["epoch"] == pytest.approx(2 * 2 / 3)  # two batches of two over three images
+
+
+def test_min_snr_weights_follow_the_formula():
+    from diffusers import DDPMScheduler
+
+    timesteps = torch.tensor([0, 10, 500, 999])
+    for prediction in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(prediction_type=prediction)
+        alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+        snr = alpha_bar / (1 - alpha_bar)
+        expected = torch.clamp_max(snr, 5.0) / (snr + 1 if prediction == "v_prediction" else snr)
+        torch.testing.assert_close(trainer.min_snr_weights(scheduler, timesteps, 5.0).double(), expected,
+                                   rtol=1e-5, atol=0)
+    zero_terminal = DDPMScheduler(rescale_betas_zero_snr=True)
+    assert trainer.min_snr_weights(zero_terminal, torch.tensor([999]), 5.0).item() == 1.0  # the limit, not NaN
+
+
+def test_snr_weighting_offset_noise_and_validation_steps(tiny_sd, tmp_path):
+    """--snr_gamma weights the instance loss (the records' mse stays the plain MSE), --offset_noise trains,
+    --validation_steps 1 writes a grid at every step and none twice at the end."""
+    output_dir = tmp_path / "out"
+    _run(tiny_sd, output_dir, "--method", "full", "--preset", "paper-dreambooth", "--snr_gamma", "5",
+         "--offset_noise", "--validation_steps", "1", "--checkpointing_steps", "100", "--validation_prompt", PROMPT,
+         "--num_validation_images", "1", "--validation_inference_steps", "2")
+    records = _records(output_dir)
+    _assert_records(records, 2)
+    for record in records:  # weights <= 1 for epsilon prediction
+        assert record["loss"] <= record["mse"] * (1 + 1e-6) and record["loss"] != record["mse"]
+    assert sorted(p.name for p in (output_dir / "validation").iterdir()) == ["step-000001.png", "step-000002.png"]
+
+
+def test_variant_loads_the_weight_files_of_that_variant(tiny_sd, tmp_path):
+    """A checkpoint saved with only *.fp16.safetensors: --variant fp16 loads it (the UNet trains in float32);
+    without it, the one-line error."""
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd[0]).to(torch.float16)
+    model = tmp_path / "model-fp16"
+    pipeline.save_pretrained(str(model), variant="fp16")
+    assert list((model / "unet").glob("*.fp16.safetensors"))
+    with pytest.raises(SystemExit, match="cannot load the pipeline's parts"):
+        trainer.main(_argv((model, tiny_sd[1]), tmp_path / "no-variant"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    result = _run((model, tiny_sd[1]), tmp_path / "out", "--variant", "fp16", "--method", "full", "--preset",
+                  "paper-dreambooth")
+    _assert_records(_records(tmp_path / "out"), 2)
+    assert {p.dtype for p in result.unet.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("epochs, items, batch, accumulation, processes, steps", [
+    (10, 5, 4, 1, 1, 20),   # two batches (4 + 1) per pass
+    (3, 8, 4, 1, 1, 6),
+    (2, 5, 1, 2, 1, 6),     # five batches, the last step of a pass on one batch
+    (1, 200, 1, 1, 2, 100),
+    (4, 9, 2, 2, 2, 8),     # ceil(ceil(9 / 2) / 2) = 3 batches per process, 2 steps per pass
+])
+def test_epochs_count_steps_as_diffusers_does(epochs, items, batch, accumulation, processes, steps):
+    assert trainer.steps_for_epochs(epochs, items, batch, accumulation, processes) == steps
 
 
 def test_batch_stream_is_a_function_of_position(tmp_path):
@@ -284,8 +360,12 @@ def test_clear_errors(tiny_sd, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
+    broken = tmp_path / "broken"
+    shutil.copytree(images, broken)
+    (broken / "._photo.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork, not a JPEG")  # as macOS leaves
     cases = [
         (["--instance_data_dir", str(tmp_path / "missing")], r"--instance_data_dir .*missing' does not exist"),
+        (["--instance_data_dir", str(broken)], r"--instance_data_dir: .*\._photo\.jpg' is not a readable image"),
         (["--instance_data_dir", str(empty)], r"--instance_data_dir .*empty' holds no image"),
         (["--pretrained_model_name_or_path", str(images)], r"not a diffusers checkpoint: it has no model_index"),
         (["--pretrained_model_name_or_path", str(tmp_path / "nope")], r"is not a directory"),
@@ -336,6 +416,70 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(full_run, tiny_sd,
         trainer.main(_argv(tiny_sd, other, "--preset", "none", "--resume_from_checkpoint", "latest"))
     with pytest.raises(SystemExit, match=r"is not a checkpoint of this trainer"):
         trainer.main(_argv(tiny_sd, other, "--resume_from_checkpoint", str(tmp_path)))
+
+
+def test_checkpoints_of_another_run_are_refused_not_mixed_in(full_run, tiny_sd, tmp_path):
+    """A fresh run into a directory with checkpoints, or a resume from a checkpoint older than others there, would
+    interleave two runs (in the checkpoints, in `latest`, in metrics.jsonl): refused with what to do instead."""
+    output_dir, _ = full_run
+    other = tmp_path / "out"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(output_dir / name, other / name)
+    with pytest.raises(SystemExit, match=r"holds the checkpoints of an earlier run \(checkpoint-2, checkpoint-4\): "
+                                         r"continue it with --resume_from_checkpoint latest"):
+        trainer.main(_argv(tiny_sd, other, "--preset", "paper-dreambooth"))
+    with pytest.raises(SystemExit, match=r"holds checkpoints after checkpoint-2 \(checkpoint-4\)"):
+        trainer.main(_argv(tiny_sd, other, "--resume_from_checkpoint", "checkpoint-2"))
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_sd, tmp_path):
+    output_dir = tmp_path / "out"
+    _run(tiny_sd, output_dir, "--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit",
+         "2", "--method", "full", "--preset", "none")
+    assert sorted(p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint")) == \
+        ["checkpoint-2", "checkpoint-3"]
+
+
+class _ProcessOnCpu:
+    """What generate_class_images asks of an Accelerator: process ``index`` of ``count`` on the CPU."""
+    device = torch.device("cpu")
+
+    def __init__(self, index=0, count=1):
+        self.process_index, self.num_processes = index, count
+        self.is_main_process = self.is_local_main_process = index == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_class_images_are_a_function_of_seed_and_index(tiny_sd, tmp_path):
+    """Topping a class folder up (a stopped generation, a larger --num_class_images) adds new images, not copies
+    of the first ones; each file is the same whatever images are already there and however many processes share
+    the work, and the same but for the rounding of a batched UNet whatever the batch size."""
+    import numpy as np
+    from PIL import Image
+    import argparse
+
+    def generate(directory, count, batch, process=_ProcessOnCpu()):
+        args = argparse.Namespace(class_data_dir=str(directory), num_class_images=count, class_prompt="a photo of dog",
+                                  prior_generation_precision="fp32", pretrained_model_name_or_path=str(tiny_sd[0]),
+                                  seed=3, sample_batch_size=batch, num_class_inference_steps=2, variant=None)
+        trainer.generate_class_images(args, process)
+        return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
+
+    generate(tmp_path / "topped", 1, 1)
+    topped = generate(tmp_path / "topped", 3, 1)
+    at_once = generate(tmp_path / "at-once", 3, 1)
+    assert list(topped) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert topped == at_once
+    assert len(set(topped.values())) == 3, "an image was generated twice"
+    (tmp_path / "second-of-two").mkdir()  # by the main process, which process 1 of 2 waits for
+    second_of_two = generate(tmp_path / "second-of-two", 3, 1, _ProcessOnCpu(1, 2))  # its share on two GPUs
+    assert second_of_two == {"class-00001.png": topped["class-00001.png"]}
+    batched = generate(tmp_path / "batched", 3, 3)
+    for name, data in batched.items():
+        pixels = [np.asarray(Image.open(io.BytesIO(b)), dtype=np.int16) for b in (data, topped[name])]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 2, name
 
 
 def test_cli_dispatches_subcommands(monkeypatch, capsys):
