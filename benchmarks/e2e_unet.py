@@ -422,7 +422,8 @@ def main(argv=None) -> dict:
             results["targets"] = evaluate_targets(results["runs"], on_gpu)
             write_json(args.json, results)
     variant_order = list(VARIANTS)  # the table in the order of an uninterrupted run, also after a resume
-    results["runs"].sort(key=lambda r: (r["batch_size"], r["gradient_checkpointing"], variant_order.index(r["variant"])))
+    results["runs"].sort(key=lambda r: (r["batch_size"], r["gradient_checkpointing"],
+                                        variant_order.index(r["variant"])))
     results["targets"] = evaluate_targets(results["runs"], on_gpu)
     print_report(results)
     if args.json:  # written after the last run above

@@ -16,11 +16,11 @@ Run it as ``bnn-diffusion finetune ...``, ``python -m bnn_diffusion.train ...`` 
 
 Outputs in ``--output_dir``: ``metrics.jsonl`` (one JSON record per optimizer step: loss, MSE, KL, sigma statistics,
 learning rate, gradient norm), ``metrics.png`` (the curves), ``validation/step-<NNNNNN>.png`` (image grids of
-``--validation_prompt`` every ``--validation_steps``, default at each checkpoint, and at the end), ``checkpoint-<N>/``
-(every ``--checkpointing_steps``,
-written to a temporary directory and renamed into place), ``training_config.json``, and the result with the posterior
-means merged in: ``pytorch_lora_weights.safetensors`` for ``--method lora`` (load it with
-``StableDiffusionPipeline.load_lora_weights``), ``unet/`` (``UNet2DConditionModel.from_pretrained``) otherwise.
+``--validation_prompt`` every ``--validation_steps``, default at each checkpoint, and at the end),
+``checkpoint-<N>/`` (every ``--checkpointing_steps``, written to a temporary directory and renamed into place),
+``training_config.json``, and the result with the posterior means merged in: ``pytorch_lora_weights.safetensors``
+for ``--method lora`` (load it with ``StableDiffusionPipeline.load_lora_weights``), ``unet/``
+(``UNet2DConditionModel.from_pretrained``) otherwise.
 
 Reproducibility: every random draw of a step (VAE posterior sample, diffusion noise and timesteps, the Bayesian
 layers' per-forward seeds, CEP noise) comes from torch's generators, which ``accelerate`` saves in each checkpoint;

@@ -40,7 +40,8 @@ if triton is not None:
     gaussian_kl_fwd, gaussian_kl_bwd = on_operands_device(kl.gaussian_kl_fwd), on_operands_device(kl.gaussian_kl_bwd)
     conv_fwd, conv_bwd = on_operands_device(conv.conv_fwd), on_operands_device(conv.conv_bwd)
     linear_fwd, linear_bwd = on_operands_device(linear.linear_fwd), on_operands_device(linear.linear_bwd)
-    lora_linear_fwd, lora_linear_bwd = on_operands_device(lora.lora_linear_fwd), on_operands_device(lora.lora_linear_bwd)
+    lora_linear_fwd = on_operands_device(lora.lora_linear_fwd)
+    lora_linear_bwd = on_operands_device(lora.lora_linear_bwd)
     lora_conv2d_fwd = on_operands_device(lora.lora_conv2d_fwd)
     lora_conv2d_bwd = on_operands_device(lora.lora_conv2d_bwd)
 else:  # pragma: no cover
