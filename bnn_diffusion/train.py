@@ -19,8 +19,8 @@ learning rate, gradient norm), ``metrics.png`` (the curves), ``validation/step-<
 ``--validation_prompt`` every ``--validation_steps``, default at each checkpoint, and at the end),
 ``checkpoint-<N>/`` (every ``--checkpointing_steps``, written to a temporary directory and renamed into place),
 ``training_config.json``, and the result with the posterior means merged in: ``pytorch_lora_weights.safetensors``
-for ``--method lora`` (load it with ``StableDiffusionPipeline.load_lora_weights``), ``unet/``
-(``UNet2DConditionModel.from_pretrained``) otherwise.
+for ``--method lora`` (load it with ``StableDiffusionPipeline.load_lora_weights``), otherwise ``unet/`` with the
+checkpoint's other parts beside it (``StableDiffusionPipeline.from_pretrained(output_dir)``).
 
 Reproducibility: every random draw of a step (VAE posterior sample, diffusion noise and timesteps, the Bayesian
 layers' per-forward seeds, CEP noise) comes from torch's generators, which ``accelerate`` saves in each checkpoint;
@@ -1043,7 +1043,8 @@ def _register_checkpoint_hooks(accelerator, unet: torch.nn.Module) -> None:
 
 
 def _save_result(args, unet: torch.nn.Module, output_dir: Path, is_main: bool) -> Path:
-    """Write the fine-tuned weights with the posterior means merged; returns their path.  ``unet`` ends merged."""
+    """Write the fine-tuned weights with the posterior means merged (for full and DiffFit, as a whole pipeline);
+    returns the LoRA file's or the ``unet/`` directory's path.  ``unet`` ends merged."""
     if args.method == "lora":
         path = output_dir / LORA_FILE
         if args.preset == "none":
@@ -1068,13 +1069,41 @@ def _save_result(args, unet: torch.nn.Module, output_dir: Path, is_main: bool) -
     merged_unet(unet, args)
     path = output_dir / "unet"
     if is_main:
-        temporary = output_dir / ".unet.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        unet.save_pretrained(str(temporary), safe_serialization=True)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(temporary, path)
+        _replace_directory(path, lambda tmp: unet.save_pretrained(str(tmp), safe_serialization=True))
+        _complete_pipeline(Path(args.pretrained_model_name_or_path), output_dir)
     return path
+
+
+def _replace_directory(path: Path, write) -> None:
+    """Write a directory through ``write(temporary_path)``, then put it in ``path``'s place."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    write(temporary)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(temporary, path)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (no second copy of the bytes on the same file system), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _complete_pipeline(pretrained: Path, output_dir: Path) -> None:
+    """Make ``output_dir`` (holding the fine-tuned ``unet/``) a whole pipeline, as diffusers' DreamBooth script
+    does: the checkpoint's other parts (hard-linked where the file system allows) and its model_index.json, so
+    that ``StableDiffusionPipeline.from_pretrained(output_dir)`` loads the fine-tuned model."""
+    index = json.loads((pretrained / "model_index.json").read_text(encoding="utf-8"))
+    for part, entry in index.items():
+        if part == "unet" or not (isinstance(entry, list) and entry[0] and (pretrained / part).is_dir()):
+            continue
+        _replace_directory(output_dir / part,
+                           lambda tmp, source=pretrained / part: shutil.copytree(source, tmp,
+                                                                                 copy_function=_link_or_copy))
+    _write_atomic(output_dir / "model_index.json", lambda tmp: shutil.copy2(pretrained / "model_index.json", tmp))
 
 
 if __name__ == "__main__":

@@ -153,6 +153,20 @@ def test_full_run_reloads_as_the_merged_unet(full_run, tiny_sd):
     _generates(StableDiffusionPipeline.from_pretrained(tiny_sd[0], unet=reloaded))
 
 
+def test_full_run_output_is_a_whole_pipeline(full_run, tiny_sd):
+    """As diffusers' DreamBooth script: the output directory loads as the fine-tuned pipeline; the parts that did
+    not train are the checkpoint's files (hard links on the same file system, no second copy)."""
+    output_dir, result = full_run
+    pipeline = StableDiffusionPipeline.from_pretrained(output_dir)
+    torch.testing.assert_close(_unet_output(pipeline.unet), _unet_output(result.unet), rtol=0, atol=0)
+    _generates(pipeline)
+    for source in (tiny_sd[0] / "vae").iterdir():
+        assert (output_dir / "vae" / source.name).samefile(source) or \
+            (output_dir / "vae" / source.name).read_bytes() == source.read_bytes()
+    assert json.loads((output_dir / "model_index.json").read_text()) == \
+        json.loads((tiny_sd[0] / "model_index.json").read_text())
+
+
 def test_resume_continues_the_same_loss_curve(full_run, tiny_sd, tmp_path):
     """A run interrupted after its step-2 checkpoint and resumed with `latest` gives the uninterrupted run's
     records for steps 3 and 4 and the same final weights (the later records of the interrupted run are dropped)."""
