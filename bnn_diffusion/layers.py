@@ -64,10 +64,13 @@ def rho_for_sigma(sigma: float, sigma_param: str) -> float:
     return sigma if sigma_param == "direct" else math.log(math.expm1(sigma))
 
 
-def draw_seed() -> torch.Tensor:
-    """A fresh 0-dim int64 seed from torch's default CPU generator: ``torch.manual_seed`` reproduces a run, and
-    ``torch.utils.checkpoint`` (which saves and restores that generator) recomputes with the same noise."""
-    return torch.randint(0, SEED_HIGH, (), dtype=torch.int64)
+def draw_seed(device=None) -> torch.Tensor:
+    """A fresh 0-dim int64 seed drawn on ``device`` (default CPU) from torch's default generator of that device:
+    ``torch.manual_seed`` reproduces a run, and ``torch.utils.checkpoint`` (which saves and restores the
+    generators of the CPU and of its inputs' GPUs) recomputes with the same noise.  Drawn on the GPU of the layer's
+    input, the seed needs no host-to-device copy, which would wait for the GPU to finish its queued work at every
+    layer."""
+    return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=device)
 
 
 def _check_dtype_option(name: str, dtype) -> None:
@@ -171,7 +174,7 @@ class BayesianModule(nn.Module):
         # the fused op runs in the dtypes it is given (x in the autocast dtype, parameters in theirs): autocast is
         # off inside it, so a backend's internal torch ops are not recast (eager and compiled runs agree)
         with torch.autocast(x.device.type, enabled=False):
-            y, kl = self._sample_forward(x, draw_seed())
+            y, kl = self._sample_forward(x, draw_seed(x.device if x.is_cuda else None))
         self.last_kl = kl
         return y
 

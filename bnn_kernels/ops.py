@@ -48,7 +48,9 @@ def _seed_tensor(seed: SeedLike, device: torch.device) -> torch.Tensor:
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return torch.tensor(seed, dtype=torch.int64, device=device)
+    # a fill kernel on the device: torch.tensor(seed, device=gpu) would copy from pageable host memory, which
+    # waits for the GPU's queued work first
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def _check_float(name: str, tensor, allowed=SUPPORTED_DTYPES) -> None:

@@ -10,6 +10,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from result_log import pytest_configure, pytest_runtest_logreport  # noqa: E402,F401  (BNN_TEST_LOG: hooks by name)
 
+# On a GPU, float32 convolutions would otherwise run on TF32 tensor cores (cuDNN's default; matmuls default to
+# float32): the float32 oracle tests compare against float32 arithmetic.
+torch.backends.cudnn.allow_tf32 = False
+
 
 @pytest.fixture(autouse=True)
 def _fixed_torch_seed():

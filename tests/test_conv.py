@@ -361,7 +361,9 @@ def test_seed_is_required():
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not usable here")
 def test_float64_only_on_backends_that_take_it():
-    x, mu = torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 1, 1, dtype=torch.float64)
+    device = device_for("triton")
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=device)
+    mu = torch.randn(3, 2, 1, 1, dtype=torch.float64, device=device)
     with bk.use_backend("triton"), pytest.raises(ValueError, match="float64"):
         bk.bayes_conv2d(x, mu, torch.zeros_like(mu), seed=1)
 

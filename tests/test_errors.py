@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import bnn_kernels as bk
+from helpers import BACKENDS, device_for
 
 
 def _good():
@@ -69,7 +70,8 @@ def test_unknown_or_unusable_backend():
 def test_float64_only_on_backends_that_take_it():
     if "triton" not in bk.backends():
         pytest.skip("triton backend not usable here")
-    x, mu, rho = torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64)
+    device = device_for("triton")  # CPU tensors under the interpreter, the GPU's otherwise
+    x, mu, rho = (torch.randn(*shape, dtype=torch.float64, device=device) for shape in ((2, 3), (4, 3), (4, 3)))
     with bk.use_backend("triton"), pytest.raises(ValueError, match="float64"):
         bk.bayes_linear(x, mu, rho, seed=1)
 
@@ -104,8 +106,6 @@ def test_debug_checks_catch_non_finite_values():
 # --------------------------------------------------------------------------------------------------------------
 # a NaN parameter is never hidden
 # --------------------------------------------------------------------------------------------------------------
-
-from helpers import BACKENDS, device_for  # noqa: E402
 
 
 def _nan_rho(shape):

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-STAGES = ["build", "kernel-tests", "linear-ratios", "lora-ratios", "conv-ratios", "e2e-unet", "microbench"]
+STAGES = ["build", "kernel-tests", "e2e-unet", "linear-ratios", "lora-ratios", "conv-ratios", "microbench"]
 
 
 def run_suite(out, **settings):
@@ -52,16 +52,32 @@ def test_a_spent_budget_skips_every_stage_without_failing(tmp_path):
 
 def test_floors_keep_time_for_the_end_to_end_stage(tmp_path):
     """A stage gets what is left less the floors of the selected stages after it: with 169 s of budget the
-    e2e stage's 150 s floor leaves linear-ratios under 20 s (skipped), and e2e-unet still runs, with the
+    e2e stage's 150 s floor leaves the test stage under 20 s (skipped), and e2e-unet still runs, with the
     arguments SUITE_E2E_ARGS adds."""
-    done, summary = run_suite(tmp_path, SUITE_BUDGET_S="169", SUITE_STAGES="linear-ratios e2e-unet",
-                              SUITE_E2E_ARGS="--variants full-ft --checkpointing off")
+    done, summary = run_suite(tmp_path, SUITE_BUDGET_S="169", SUITE_STAGES="kernel-tests e2e-unet",
+                              SUITE_TESTS="tests/test_kl.py", SUITE_E2E_ARGS="--variants full-ft --checkpointing off")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert outcomes(summary)["linear-ratios"] == "skipped (budget)"
+    assert outcomes(summary)["kernel-tests"] == "skipped (budget)"
     assert outcomes(summary)["e2e-unet"] == "ok"
     assert "150s kept for the stages after it" in done.stdout
     runs = json.loads((tmp_path / "e2e_unet.json").read_text())["runs"]
     assert [(r["variant"], r["gradient_checkpointing"], r["status"]) for r in runs] == [("full-ft", False, "ok")]
+
+
+def test_without_diffusers_the_e2e_stage_is_reported_and_its_floor_freed(tmp_path):
+    """No diffusers (the GPU image has none unless its wheel travels in .whl/): the suite says so, marks e2e-unet
+    as unable to run, fails, and the 150 s e2e floor no longer holds back the stage before it."""
+    shadow = tmp_path / "shadow" / "diffusers"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('diffusers is not installed here')\n")
+    out = tmp_path / "out"
+    done, summary = run_suite(out, SUITE_BUDGET_S="169", SUITE_STAGES="kernel-tests e2e-unet",
+                              SUITE_TESTS="tests/test_kl.py::test_gaussian_kl_matches_float64_formula",
+                              PYTHONPATH=str(tmp_path / "shadow"))
+    assert done.returncode == 1
+    assert "diffusers does not import" in done.stdout
+    assert outcomes(summary)["e2e-unet"] == "cannot run here (see suite.log)"
+    assert outcomes(summary)["kernel-tests"] == "ok"
 
 
 @pytest.mark.parametrize("value", ["0", "1"])
@@ -78,11 +94,13 @@ def test_autotune_switch_sets_the_config_lists(value):
 
 @pytest.mark.parametrize("value", [None, "0", "1"])
 def test_autotune_picks_are_kept_on_disk_unless_switched_off(value):
-    """BNN_TRITON_AUTOTUNE_CACHE (default 1): every autotuned kernel passes Triton's cache_results."""
+    """BNN_TRITON_AUTOTUNE_CACHE (default 1): every autotuned kernel passes Triton's cache_results, and times
+    its configs with common.time_config."""
     code = ("from bnn_kernels.triton import common, conv, linear, lora\n"
             "import triton\n"
             "tuners = [k for m in (linear, lora, conv) for k in vars(m).values()"
             " if isinstance(k, triton.runtime.Autotuner)]\n"
+            "assert all(k._do_bench is common.time_config for k in tuners)\n"
             "print(len(tuners), *sorted({k.cache_results for k in tuners}))")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     env.pop("BNN_TRITON_AUTOTUNE_CACHE", None)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bnn_kernels as bk
-from bnn_diffusion import BayesConv2d, BayesLoRAConv2d, BayesLoRALinear
+from bnn_diffusion import BayesConv2d, BayesLinear, BayesLoRAConv2d, BayesLoRALinear
 from bnn_diffusion.layers import SEED_HIGH
 
 CONV_CONFIGS = {  # the convolutions of a diffusers UNet, and the other geometries nn.Conv2d allows
@@ -41,6 +41,21 @@ def saved_tensors_of(forward):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = forward()
     return saved, result
+
+
+def test_seeds_are_drawn_on_the_inputs_device(monkeypatch):
+    """A CUDA input's seed comes from that GPU's generator (no host-to-device copy of a CPU seed, which waits
+    for the GPU's queued work); a CPU input's from the CPU generator.  Checked through the device the layer asks
+    draw_seed for, and draw_seed honouring it ("meta" standing in for a GPU here)."""
+    from bnn_diffusion import layers
+
+    asked = []
+    real = layers.draw_seed
+    monkeypatch.setattr(layers, "draw_seed", lambda device=None: asked.append(device) or real(device))
+    layer = BayesLinear.from_linear(nn.Linear(4, 3))
+    layer(torch.randn(2, 4))
+    assert asked == [None]
+    assert real(torch.device("meta")).device.type == "meta" and real().device.type == "cpu"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -485,7 +485,7 @@ def test_bad_bayes_lora_conv2d_arguments(overrides, error, words):
 def test_float64_only_on_backends_that_take_it():
     if "triton" not in BACKENDS:
         pytest.skip("triton backend not usable here")
-    args = {name: t.double() for name, t in _linear_args().items()}
+    args = {name: t.double().to(device_for("triton")) for name, t in _linear_args().items()}
     with bk.use_backend("triton"), pytest.raises(ValueError, match="float64"):
         bk.bayes_lora_linear(*args.values(), scale=1.0, seed=1)
 

@@ -62,6 +62,18 @@ def autotune_cache_enabled() -> bool:
     return _switch(AUTOTUNE_CACHE_ENV)
 
 
+# Autotune times each config for about AUTOTUNE_WARMUP_MS + AUTOTUNE_REP_MS of runs (Triton's default: 25 + 100 ms).
+# The kernels take 10 us to a few ms, so 25 ms of runs still gives a median over tens to thousands of them, and a
+# first step that tunes every shape of a UNet waits about a fifth as long.
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
+
+
+def time_config(kernel_call, quantiles):
+    """How autotune times one config: Triton's do_bench over a shorter window."""
+    import triton.testing
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
 def tuned(gpu_configs, key=("M", "N", "K")):
     """``triton.autotune`` over ``gpu_configs`` on a GPU (only the first with BNN_TRITON_AUTOTUNE=0, which Triton
     then launches without timing), its picks kept on disk unless BNN_TRITON_AUTOTUNE_CACHE=0; the plain kernel
@@ -75,7 +87,7 @@ def tuned(gpu_configs, key=("M", "N", "K")):
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        return triton.autotune(configs=configs, key=list(key), cache_results=keep_picks)(kernel)
+        return triton.autotune(configs=configs, key=list(key), cache_results=keep_picks, do_bench=time_config)(kernel)
     return wrap
 
 
