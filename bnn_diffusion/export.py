@@ -79,7 +79,8 @@ def save_lora(model: nn.Module, path: Union[str, os.PathLike], *, prefix: Option
     ``path``: a file name ending in ``.safetensors``, or a directory (created if needed) that receives
     ``pytorch_lora_weights.safetensors``, where ``pipe.load_lora_weights(directory)`` looks.  ``prefix``: the
     component the keys start with: ``"unet"`` (default; ``unet.load_lora_adapter(path, prefix="unet")`` and
-    Stable Diffusion pipelines), ``"transformer"`` for SD3 / Flux / DiT, or None.  ``dtype``: the saved dtype
+    Stable Diffusion pipelines), ``"transformer"`` for SD3 / Flux (a DiT's diffusers class has no LoRA loader: its keys still follow the same
+    layout), or None.  ``dtype``: the saved dtype
     (default: the factors').  See ``lora_state_dict`` for the content; ValueError when the model has no Bayesian
     LoRA layer.
     """

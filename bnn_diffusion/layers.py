@@ -60,8 +60,9 @@ SEED_HIGH = 2**62  # per-forward seeds are drawn uniformly from [0, SEED_HIGH)
 
 
 def rho_for_sigma(sigma: float, sigma_param: str) -> float:
-    """The rho whose sigma is ``sigma``: sigma itself ("direct") or softplus^-1(sigma) = log(expm1(sigma))."""
-    return sigma if sigma_param == "direct" else math.log(math.expm1(sigma))
+    """The rho whose sigma is ``sigma``: sigma itself ("direct") or softplus^-1(sigma) = log(expm1(sigma)),
+    computed as sigma + log(1 - exp(-sigma)), which does not overflow for a large sigma."""
+    return sigma if sigma_param == "direct" else sigma + math.log(-math.expm1(-sigma))
 
 
 def draw_seed(device=None) -> torch.Tensor:
@@ -127,6 +128,7 @@ class BayesianModule(nn.Module):
         self.estimator = estimator
         self.sample = None
         self.last_kl = None
+        self._kl_versions = None  # _posterior_versions() when last_kl was computed
 
     # --- what a layer defines ---------------------------------------------------------------------------------
     @property
@@ -176,12 +178,29 @@ class BayesianModule(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             y, kl = self._sample_forward(x, draw_seed(x.device if x.is_cuda else None))
         self.last_kl = kl
+        self._kl_versions = self._posterior_versions()
         return y
 
     def kl(self) -> torch.Tensor:
         """KL(q || p) summed over the Bayesian tensor, computed now from the current parameters (float32,
         differentiable)."""
         return bk.gaussian_kl(self.mu, self.rho, self.prior_mu, self.prior_sigma, sigma_param=self.sigma_param)
+
+    def current_kl(self) -> torch.Tensor:
+        """The KL of the current parameters: ``last_kl`` while it still is that (no in-place change of mu, rho or
+        the prior since that forward, e.g. by an optimizer step, and attached to autograd wherever the parameters
+        need it: not so after a forward under no_grad, as reentrant checkpointing runs it), else ``kl()``."""
+        kl = self.last_kl
+        if kl is None or self._kl_versions != self._posterior_versions():
+            return self.kl()
+        if torch.is_grad_enabled() and not kl.requires_grad and (self.mu.requires_grad or self.rho.requires_grad):
+            return self.kl()
+        return kl
+
+    def _posterior_versions(self) -> tuple:
+        """The autograd version counters of mu, rho and the prior mean (bumped by every in-place change)."""
+        prior = self.prior_mu
+        return self.mu._version, self.rho._version, None if prior is None else prior._version
 
     def keep_original(self, module: nn.Module) -> None:
         """Remember ``module`` (the layer this one replaces) so ``restore`` can hand the same object back.

@@ -212,9 +212,24 @@ def _sites(model: nn.Module) -> list:
     return sites
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers of training: torch.compile's module (``_orig_mod``) and (Distributed)
+    DataParallel (``module``).  Every public function works on it, so names (``save_lora``'s keys among them) and
+    what ``patch`` records for ``unpatch`` are the model's own, whichever wrapper is passed."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def bayesian_modules(model: nn.Module) -> list:
-    """``(qualified name, module)`` of every Bayesian module of ``model`` (each once), in ``named_modules`` order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, BayesianModule)]
+    """``(qualified name, module)`` of every Bayesian module of ``model`` (each once), in ``named_modules`` order;
+    names as in the model inside torch.compile / DDP wrappers."""
+    return [(name, module) for name, module in unwrapped(model).named_modules() if isinstance(module, BayesianModule)]
 
 
 def _bayesian_sites(model: nn.Module) -> list:
@@ -258,10 +273,12 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
     Bayesian are left as they are.
 
     The returned names are where the Bayesian modules now sit (``model.get_submodule(name)``): for a layer wrapped
-    by PEFT that is ``<wrapper>.base_layer``.
+    by PEFT that is ``<wrapper>.base_layer``.  A model wrapped by torch.compile or DDP is patched inside the
+    wrapper, with the names of the model inside (``unwrapped``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrapped(model)
     spec = _check_preset(preset)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
@@ -312,6 +329,10 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
         module = site.module
         if id(module) not in made:  # a module shared by several parents becomes one shared Bayesian module
             make = next(f for t, f in factory.items() if isinstance(module, t))
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+                raise ValueError(f"cannot patch {site.name}: its weight is {weight.dtype} (a quantised layer?); "
+                                 "Bayesian layers need floating-point weights: patch before quantising")
             try:
                 made[id(module)] = make(module, **options)
             except (TypeError, ValueError) as error:
@@ -336,15 +357,17 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
 
 
 def kl_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the KL(q || p) of every Bayesian module: the KL each computed in its last forward (attached to that
-    forward's graph: no second pass over the weights), or computed now from the parameters for a module whose last
-    forward did not sample (or that has not run yet).  A float32 0-dim tensor; ValueError if nothing is Bayesian."""
+    """Sum of the KL(q || p) of every Bayesian module at its current parameters: the KL each computed in its last
+    forward (attached to that forward's graph: no second pass over the weights) while that is still the current
+    one, else computed now from the parameters (a module whose last forward did not sample or has not run, whose
+    parameters changed since, e.g. ``kl_loss`` written before this step's forward, or whose forward ran without
+    autograd).  A float32 0-dim tensor; ValueError if nothing is Bayesian."""
     modules = bayesian_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no Bayesian module: call bnn_diffusion.patch first")
     total = None
     for _, module in modules:
-        kl = module.last_kl if module.last_kl is not None else module.kl()
+        kl = module.current_kl()
         total = kl if total is None else total + kl.to(total.device)
     return total
 
@@ -363,6 +386,7 @@ def unpatch(model: nn.Module) -> list:
     frozen LoRA base, no copy), in place; returns the qualified names restored.  Parameters that ``patch`` froze get
     ``requires_grad=True`` back.  The trained posterior is discarded: ``merge`` keeps it."""
     restored = _replace_all(model, lambda module: module.restore())
+    model = unwrapped(model)
     frozen = model.__dict__.pop("_bnn_frozen_parameters", set())
     if frozen:
         for name, param in model.named_parameters():
@@ -374,6 +398,7 @@ def unpatch(model: nn.Module) -> list:
 def _replace_all(model: nn.Module, convert) -> list:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrapped(model)
     names, done = [], {}
     for name, parent, attr, module in _bayesian_sites(model):
         new = done.get(id(module))

@@ -131,3 +131,17 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="full-rank Bayesian layers.*ff.net.2"):
         bd.save_lora(model, tmp_path)
     assert not list(tmp_path.iterdir())  # nothing written on error
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, torch.nn.DataParallel], ids=["compiled", "data-parallel"])
+def test_keys_of_a_wrapped_model_are_the_models_own(wrap):
+    """save_lora on the model training holds (torch.compile's or DDP's wrapper) writes the keys a loader finds:
+    without ``_orig_mod.`` / ``module.``, which load_lora_adapter would only warn about, loading nothing."""
+    model, _ = build("unet")
+    bd.patch(model, "paper-lora")
+    train_factors(model)
+    wrapped = lora_state_dict(wrap(model))
+    plain = lora_state_dict(model)
+    assert list(wrapped) == list(plain)
+    for key, tensor in plain.items():
+        assert torch.equal(wrapped[key], tensor), key

@@ -318,6 +318,42 @@ def test_kl_loss_equals_the_closed_form_sum(kind, preset, sigma_param):
     assert bd.kl_loss(model).item() == pytest.approx(expected, rel=1e-4)
 
 
+def _sum_of_fresh_kl(model) -> float:
+    return sum(module.kl().item() for _, module in bd.bayesian_modules(model))
+
+
+@pytest.mark.parametrize("preset", ["all-linear", "paper-lora"])
+def test_kl_loss_is_the_kl_of_the_current_parameters(preset):
+    """The op's KL is reused only while it is the current one: written before this step's forward, after the
+    optimizer step, or after a forward under no_grad (reentrant checkpointing), kl_loss computes it now; right
+    after a sampling forward it is the op's own tensor (no second pass over the weights)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    bd.patch(model, preset, **({"targets": ["0", "2"]} if preset == "paper-lora" else {}))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    model.train()
+    for _ in range(3):  # KL first in the expression: from step 2 on, the last forward's KL is stale
+        x = torch.randn(5, 6)
+        kl = bd.kl_loss(model)
+        assert kl.item() == pytest.approx(_sum_of_fresh_kl(model), rel=1e-5)
+        (1e-2 * kl + model(x).square().mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert bd.kl_loss(model).item() == pytest.approx(_sum_of_fresh_kl(model), rel=1e-5)  # after the step
+    model(torch.randn(5, 6))
+    (_, first), *_ = bd.bayesian_modules(model)
+    assert sum(1 for _ in bd.bayesian_modules(model)) == 2
+    reused = bd.kl_loss(model)
+    assert reused.grad_fn is not None and first.current_kl() is first.last_kl
+    with torch.no_grad():  # as a reentrant checkpoint runs its forward
+        model(torch.randn(5, 6))
+    kl = bd.kl_loss(model)
+    assert kl.requires_grad, "a forward without autograd must not cut the KL's gradient"
+    kl.backward()
+    assert all(p.grad is not None for p in trainable if p is first.rho)
+
+
 @pytest.mark.parametrize("kind, preset", [("unet", "paper-dreambooth"), ("dit", "paper-lora"), ("dit", "all")])
 @pytest.mark.parametrize("sigma_param", ["direct", "softplus"])
 def test_kl_is_zero_at_init_when_the_posterior_is_the_prior(kind, preset, sigma_param):
@@ -461,6 +497,20 @@ def test_unpatch_restores_the_original_modules_and_weights(kind, preset):
     model.eval()
     with torch.no_grad():
         assert_same(run(model, inputs), run(reference, inputs))
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compiled", "data-parallel"])
+def test_patch_and_unpatch_through_a_wrapper(wrap):
+    """patch on the model and unpatch on its torch.compile / DDP wrapper (or the other way round) give back every
+    parameter patch froze: both work on the model inside."""
+    for patch_wrapped in (False, True):
+        model, _ = build("unet")
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        names = bd.patch(wrap(model) if patch_wrapped else model, "paper-dreambooth")
+        assert names and all(not n.startswith(("_orig_mod.", "module.")) for n in names)
+        assert [n for n, _ in bd.bayesian_modules(wrap(model))] == names
+        bd.unpatch(model if patch_wrapped else wrap(model))
+        assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
 
 
 def test_unpatch_with_a_bfloat16_prior_restores_the_rounded_weights():
@@ -802,6 +852,16 @@ def test_other_errors():
         BayesLinear.from_linear(nn.Conv2d(2, 2, 1))
     with pytest.raises(ValueError, match="meta"):
         BayesLinear.from_linear(nn.Linear(2, 2, device="meta"))
+    # integer (quantised) weights: refused naming the layer, nothing replaced
+    quantised = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    quantised[1].weight = nn.Parameter(torch.zeros(2, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="cannot patch 1: its weight is torch.int8"):
+        bd.patch(quantised, "all-linear")
+    assert type(quantised[0]) is nn.Linear
+    # a large softplus sigma_init: its rho computed without overflow
+    wide = nn.Sequential(nn.Linear(3, 3))
+    bd.patch(wide, "all-linear", sigma_param="softplus", sigma_init=1000.0)
+    torch.testing.assert_close(wide[0].sigma, torch.full((3, 3), 1000.0))
     # a layer a preset cannot turn Bayesian is refused before any layer is replaced: nothing changes
     convs = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="cannot patch 1: .*groups=1"):
