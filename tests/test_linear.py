@@ -183,9 +183,12 @@ def test_triton_entry_points_launch_on_their_tensors_device(monkeypatch):
             return False
 
     monkeypatch.setattr(torch.cuda, "device", Recorder)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     on_gpu1 = types.SimpleNamespace(device=torch.device("cuda", 1))  # what the guard reads of a tensor
     probe = on_operands_device(lambda first, *rest, **named: (first, rest, named))
     assert probe(on_gpu1, 2, key=3) == (on_gpu1, (2,), {"key": 3}) and entered == [torch.device("cuda", 1)]
+    on_gpu0 = types.SimpleNamespace(device=torch.device("cuda", 0))
+    assert probe(on_gpu0)[0] is on_gpu0 and len(entered) == 1  # already the current device: no switch
     assert probe(torch.zeros(1), 2)[1] == (2,) and len(entered) == 1  # a CPU tensor: no CUDA call at all
     for name in ("gaussian_kl_fwd", "gaussian_kl_bwd", "linear_fwd", "linear_bwd", "conv_fwd", "conv_bwd",
                  "lora_linear_fwd", "lora_linear_bwd", "lora_conv2d_fwd", "lora_conv2d_bwd"):

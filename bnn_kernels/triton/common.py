@@ -47,9 +47,10 @@ def on_operands_device(function):
     model moved without torch.cuda.set_device) would be read by kernels running on the wrong GPU."""
     @functools.wraps(function)
     def guarded(first, *args, **kwargs):
-        if first.device.type != "cuda":
+        device = first.device
+        if device.type != "cuda" or device.index == torch.cuda.current_device():  # the usual case: no switch
             return function(first, *args, **kwargs)
-        with torch.cuda.device(first.device):
+        with torch.cuda.device(device):
             return function(first, *args, **kwargs)
     return guarded
 
