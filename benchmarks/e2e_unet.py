@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import math
 import os
 import statistics
@@ -308,7 +309,6 @@ KEPT_STATUSES = ("ok", "oom", "unavailable")  # outcomes of the measurement itse
 def resumed_runs(path: str, results: dict) -> list:
     """The runs of an earlier ``--json`` file to keep (all but errors), after checking it was measured the same
     way on the same machine and software as ``results`` will be; ValueError naming what differs."""
-    import json
     try:
         with open(path) as handle:
             earlier = json.load(handle)

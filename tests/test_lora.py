@@ -536,12 +536,12 @@ def test_backends_read_non_contiguous_operands_by_value(backend):
     x, weight, lora_a, lora_b, rho = operand(9, 20), operand(24, 20), operand(4, 20), operand(24, 4), operand(24, 4)
     rho = rho.abs() * 0.1
     seed = torch.tensor(5, dtype=torch.int64, device=device)
-    args = (None, 0.5, "B", 0.1, "direct", "reparam")
+    options = (0.5, "B", 0.1, "direct", "reparam")  # scale, bayes, prior_sigma, sigma_param, estimator
     module = registry.get(backend)
     with bk.use_backend(backend):
-        strided = module.lora_linear_fwd(x, weight, None, lora_a, lora_b, rho, seed, *args[1:])
+        strided = module.lora_linear_fwd(x, weight, None, lora_a, lora_b, rho, seed, *options)
         dense = module.lora_linear_fwd(*(t.contiguous() for t in (x, weight)), None,
-                                       *(t.contiguous() for t in (lora_a, lora_b, rho)), seed, *args[1:])
+                                       *(t.contiguous() for t in (lora_a, lora_b, rho)), seed, *options)
     assert not x.is_contiguous() and not weight.is_contiguous()
     for got, want in zip(strided[:2], dense[:2]):
         torch.testing.assert_close(got, want)

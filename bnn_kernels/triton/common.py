@@ -1,6 +1,7 @@
 """Launch helpers shared by the Triton kernels: interpreter gating, autotune lists, GEMM precision, dtypes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -41,16 +42,21 @@ def _switch(name: str) -> bool:
     return value == "1"
 
 
+def launching_on(device: torch.device):
+    """A context that makes ``device`` the current CUDA device for the launches inside it.  Triton launches on the
+    current device and its current stream, not on the tensors' device: without this, tensors on cuda:1 while
+    cuda:0 is current (a model moved without torch.cuda.set_device) would be read by kernels on the wrong GPU.
+    Nothing to do (the usual case) for CPU tensors or when the device is already current."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def on_operands_device(function):
-    """``function`` run with its first argument's CUDA device current.  Triton launches on the current device and
-    its current stream, not on the tensors' device: without this, tensors on cuda:1 while cuda:0 is current (a
-    model moved without torch.cuda.set_device) would be read by kernels running on the wrong GPU."""
+    """``function`` run with its first argument's device current (``launching_on``)."""
     @functools.wraps(function)
     def guarded(first, *args, **kwargs):
-        device = first.device
-        if device.type != "cuda" or device.index == torch.cuda.current_device():  # the usual case: no switch
-            return function(first, *args, **kwargs)
-        with torch.cuda.device(device):
+        with launching_on(first.device):
             return function(first, *args, **kwargs)
     return guarded
 

@@ -1,13 +1,11 @@
 """The noise stream as a Triton kernel: element i gets tl.randn(seed, offset + i), with int64 counters."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import FP_FUSION, INTERPRET
+from .common import FP_FUSION, INTERPRET, launching_on
 
 
 @triton.jit
@@ -26,8 +24,7 @@ def philox_normal(seed: torch.Tensor, numel: int, offset: int, device) -> torch.
     out = torch.empty(int(numel), dtype=torch.float32, device=device)
     if numel > 0:
         seed = seed.to(device=device, dtype=torch.int64).contiguous()
-        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with guard:  # Triton launches on the current device, not on the tensors'
+        with launching_on(device):
             _philox_normal_kernel[(triton.cdiv(int(numel), _BLOCK),)](
                 seed, out, int(offset), int(numel), BLOCK=_BLOCK, num_warps=4 if INTERPRET else 8, **FP_FUSION)
     return out
