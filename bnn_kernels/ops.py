@@ -18,7 +18,7 @@ import torch
 
 from . import registry
 from .checks import check_choice, check_positive_float
-from .sigma import ESTIMATORS, SIGMA_PARAMS, kl_dtype
+from .sigma import ESTIMATORS, SIGMA_PARAMS, compute_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FLOAT64_BACKENDS = ("cpu", "reference")  # float64 exists for gradcheck; the GPU kernels do not take it
@@ -148,7 +148,7 @@ def _posterior_backward(ctx, backward_op, grad_y, grad_kl, bias_dims) -> tuple:
     grad_y summed over ``bias_dims`` (in float32)."""
     x, mu, rho, prior_mu, seed, std = ctx.saved_tensors
     grad_y = grad_y.to(x.dtype).contiguous()
-    dx, dmu, drho = backward_op(grad_y, grad_kl.to(kl_dtype(mu.dtype)).contiguous(), x, mu, rho, prior_mu, seed, std,
+    dx, dmu, drho = backward_op(grad_y, grad_kl.to(compute_dtype(mu.dtype)).contiguous(), x, mu, rho, prior_mu, seed, std,
                                 *ctx.config, ctx.needs_input_grad[0])
     dbias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
@@ -208,7 +208,7 @@ def _gaussian_kl_op(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torc
 
 @_gaussian_kl_op.register_fake
 def _(mu, rho, prior_mu, prior_sigma, sigma_param, backend):
-    return mu.new_empty((), dtype=kl_dtype(mu.dtype))
+    return mu.new_empty((), dtype=compute_dtype(mu.dtype))
 
 
 @torch.library.custom_op("bnn::gaussian_kl_backward", mutates_args=())
@@ -233,7 +233,7 @@ def _gaussian_kl_setup(ctx, inputs, output):
 def _gaussian_kl_backward(ctx, grad_kl):
     mu, rho, prior_mu = ctx.saved_tensors
     prior_sigma, sigma_param, backend = ctx.config
-    dmu, drho = _gaussian_kl_backward_op(grad_kl.to(kl_dtype(mu.dtype)).contiguous(), mu, rho, prior_mu, prior_sigma,
+    dmu, drho = _gaussian_kl_backward_op(grad_kl.to(compute_dtype(mu.dtype)).contiguous(), mu, rho, prior_mu, prior_sigma,
                                          sigma_param, backend)
     return dmu, drho, None, None, None, None
 
@@ -269,8 +269,9 @@ def _bayes_linear_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias:
 @_bayes_linear_op.register_fake
 def _(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator, backend):
     y = x.new_empty((x.shape[0], mu.shape[0]))
-    std = x.new_empty((x.shape[0], mu.shape[0]) if estimator == "lrt" and backend != "reference" else (0,))
-    return y, mu.new_empty((), dtype=kl_dtype(mu.dtype)), std
+    std = x.new_empty((x.shape[0], mu.shape[0]) if estimator == "lrt" and backend != "reference" else (0,),
+                      dtype=compute_dtype(x.dtype))
+    return y, mu.new_empty((), dtype=compute_dtype(mu.dtype)), std
 
 
 @torch.library.custom_op("bnn::bayes_linear_backward", mutates_args=())
@@ -322,12 +323,13 @@ def bayes_linear(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     _check_finite(x=x, mu=mu, rho=rho)
     seed_t = _seed_tensor(seed, mu.device)
     leading = x.shape[:-1]
-    x2d = x.reshape(-1, in_features).contiguous()
-    # an empty batch still yields the KL; the reference backend handles zero-sized GEMMs
-    backend = registry.select(mu.device) if x2d.shape[0] > 0 else "reference"
+    x2d = x.reshape(leading.numel(), in_features).contiguous()  # not -1: in_features may be 0
+    # an empty batch (or in_features 0) still yields the KL; the reference backend handles zero-sized GEMMs
+    backend = registry.select(mu.device) if x2d.numel() > 0 else "reference"
     _check_backend_dtypes(backend, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
-    y, kl, _ = _bayes_linear_op(x2d, mu.contiguous(), rho.contiguous(), bias, _contiguous(prior_mu), seed_t,
-                                prior_sigma, sigma_param, estimator, backend)
+    # mu, rho, prior_mu go in as they are (the backends read them contiguously): a copy of a transposed or tied
+    # weight made here would be a weight-sized tensor kept for backward
+    y, kl, _ = _bayes_linear_op(x2d, mu, rho, bias, prior_mu, seed_t, prior_sigma, sigma_param, estimator, backend)
     return y.view(*leading, out_features), kl
 
 
@@ -405,8 +407,8 @@ def _bayes_conv2d_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias:
 def _(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param, estimator,
       backend):
     shape = _conv_output_shape(x.shape, mu.shape, stride, padding, dilation)
-    std = x.new_empty(shape if estimator == "lrt" and backend != "reference" else (0,))
-    return x.new_empty(shape), mu.new_empty((), dtype=kl_dtype(mu.dtype)), std
+    std = x.new_empty(shape if estimator == "lrt" and backend != "reference" else (0,), dtype=compute_dtype(x.dtype))
+    return x.new_empty(shape), mu.new_empty((), dtype=compute_dtype(mu.dtype)), std
 
 
 @torch.library.custom_op("bnn::bayes_conv2d_backward", mutates_args=())
@@ -570,7 +572,7 @@ def _lora_backend(device, empty: bool, **tensors) -> str:
 def _lora_fake_outputs(x, lora_a, rho, y_shape, h_shape, bayes, estimator):
     rank_dtype = _rank_dtype(x.dtype, lora_a.dtype)
     aux_shape = h_shape if (bayes == "A" and estimator == "lrt") else (0,)
-    return (x.new_empty(y_shape), rho.new_empty((), dtype=kl_dtype(rho.dtype)),
+    return (x.new_empty(y_shape), rho.new_empty((), dtype=compute_dtype(rho.dtype)),
             x.new_empty(h_shape, dtype=rank_dtype), x.new_empty(aux_shape, dtype=rank_dtype))
 
 
@@ -596,7 +598,7 @@ def _lora_setup(ctx, x, weight, lora_a, lora_b, rho, seed, output, config):
 def _lora_saved_and_grads(ctx, grad_y, grad_kl):
     """The saved tensors with grad_y / grad_kl in the dtypes the backward ops take."""
     x, weight, lora_a, lora_b, rho, seed, h, aux = ctx.saved_tensors
-    grads = (grad_y.to(x.dtype).contiguous(), grad_kl.to(kl_dtype(rho.dtype)).contiguous())
+    grads = (grad_y.to(x.dtype).contiguous(), grad_kl.to(compute_dtype(rho.dtype)).contiguous())
     return grads + (x, weight, lora_a, lora_b, rho, seed, h, aux)
 
 
@@ -682,10 +684,11 @@ def bayes_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     _check_factor_shapes(lora_a, lora_b, rho, bayes, out_features, (out_features, lora_a.shape[0]))
     seed_t = _seed_tensor(seed, lora_a.device)
     leading = x.shape[:-1]
-    x2d = x.reshape(-1, in_features).contiguous()
-    backend = _lora_backend(lora_a.device, x2d.shape[0] == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
+    x2d = x.reshape(leading.numel(), in_features).contiguous()  # not -1: in_features may be 0
+    backend = _lora_backend(lora_a.device, x2d.numel() == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
                             lora_b=lora_b)
-    y, kl, _, _ = _bayes_lora_linear_op(x2d, weight.contiguous(), _contiguous(bias), lora_a.contiguous(),
+    # the frozen weight goes in as it is (see bayes_linear); the factors are small
+    y, kl, _, _ = _bayes_lora_linear_op(x2d, weight, _contiguous(bias), lora_a.contiguous(),
                                         lora_b.contiguous(), rho.contiguous(), seed_t, scale, bayes, prior_sigma,
                                         sigma_param, estimator, backend)
     return y.view(*leading, out_features), kl
@@ -785,7 +788,9 @@ def bayes_lora_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     seed_t = _seed_tensor(seed, lora_a.device)
     backend = _lora_backend(lora_a.device, x4.numel() == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
                             lora_b=lora_b)
-    y, kl, _, _ = _bayes_lora_conv2d_op(x4, weight.contiguous(), _contiguous(bias), lora_a.contiguous(),
+    # the frozen weight goes in as it is: a channels_last base (model.to(memory_format=torch.channels_last)) copied
+    # here would be kept for backward
+    y, kl, _, _ = _bayes_lora_conv2d_op(x4, weight, _contiguous(bias), lora_a.contiguous(),
                                         lora_b.contiguous(), rho.contiguous(), seed_t, stride, padding, dilation,
                                         scale, bayes, prior_sigma, sigma_param, estimator, backend)
     return (y if x.dim() == 4 else y.squeeze(0)), kl

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .rng import philox_normal_reference
-from .sigma import MIN_SIGMA, gaussian_kl_terms, kl_dtype, sigma_from_rho
+from .sigma import MIN_SIGMA, gaussian_kl_terms, compute_dtype, sigma_from_rho
 
 NAME = "reference"
 
@@ -80,7 +80,7 @@ def _sigma_and_kl_grads(mu, rho, prior_mu, prior_sigma, sigma_param, grad_kl):
 
 
 def gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param):
-    return gaussian_kl(mu, rho, prior_mu, prior_sigma, sigma_param).to(kl_dtype(mu.dtype))
+    return gaussian_kl(mu, rho, prior_mu, prior_sigma, sigma_param).to(compute_dtype(mu.dtype))
 
 
 def gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param):
@@ -90,7 +90,7 @@ def gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param):
 
 def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator):
     y, kl = bayes_linear_materialised(x, mu, rho, bias, seed, prior_mu, prior_sigma, sigma_param, estimator)
-    return y, kl.to(kl_dtype(mu.dtype)), x.new_empty(0)
+    return y, kl.to(compute_dtype(mu.dtype)), x.new_empty(0)
 
 
 def _linear_vjp(grad_y, x, weight, need_x):
@@ -168,7 +168,7 @@ def conv_fwd(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups
              estimator):
     y, kl = bayes_conv2d_materialised(x, mu, rho, bias, seed, prior_mu, prior_sigma, sigma_param, estimator,
                                       stride=stride, padding=padding, dilation=dilation, groups=groups)
-    return y, kl.to(kl_dtype(mu.dtype)), x.new_empty(0)
+    return y, kl.to(compute_dtype(mu.dtype)), x.new_empty(0)
 
 
 def conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding, dilation, groups, prior_sigma,
@@ -341,8 +341,8 @@ def _weight_blocks(weight, arith):
     weight whole when it already is an operand, else about 2**18 elements at a time, so that no converted copy of
     the whole weight exists."""
     channels = weight.shape[0]
-    if weight.dtype == arith.x_dtype == arith.compute:
-        yield 0, channels, weight
+    if weight.dtype == arith.x_dtype == arith.compute or channels == 0:
+        yield 0, channels, arith.operand(weight)  # no copy when it already is an operand; nothing to copy if empty
         return
     step = max(1, _WEIGHT_BLOCK_ELEMENTS // max(1, weight[0].numel()))
     for first in range(0, channels, step):
@@ -370,7 +370,7 @@ def _lora_fwd(maps, x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, pr
     acc, op, var_op = arith.rank, arith.operand, arith.var_operand
     x_ = x.to(arith.compute)
     sigma = sigma_from_rho(rho.to(acc), sigma_param)
-    kl = gaussian_kl_terms(factor.to(acc), sigma, None, prior_sigma).sum().to(kl_dtype(factor.dtype))
+    kl = gaussian_kl_terms(factor.to(acc), sigma, None, prior_sigma).sum().to(compute_dtype(factor.dtype))
     a, b = lora_a.to(acc), lora_b.to(acc)
     aux = x.new_empty(0, dtype=acc)
     if estimator == "reparam":

@@ -3,8 +3,10 @@
 A backend is a module exposing ``NAME``, ``is_available()`` and these functions.  Conventions (checked and
 normalised by ``bnn_kernels.ops`` before any backend runs, so backends never validate):
 
-* ``x`` is 2-D ``(M, K)`` and contiguous, float32/float16/bfloat16; ``mu`` and ``rho`` are ``(N, K)``, contiguous,
-  one floating dtype; ``bias`` is ``(N,)`` or None; ``prior_mu`` is ``(N, K)`` (any float dtype) or None;
+* ``x`` is 2-D ``(M, K)`` and contiguous, float32/float16/bfloat16; ``mu`` and ``rho`` are ``(N, K)``, one
+  floating dtype, any strides (a backend reads them contiguously, block by block or through its own temporary: a copy
+  made by ops would be kept for backward); ``bias`` is ``(N,)`` or None; ``prior_mu`` is ``(N, K)`` (any float dtype,
+  any strides) or None;
   ``seed`` is a 0-dim int64 tensor on the inputs' device; ``prior_sigma`` a float; ``sigma_param`` and
   ``estimator`` valid names.  float64 reaches only the cpu and reference backends (for gradcheck); the KL is
   float32, or float64 for float64 parameters.
@@ -17,8 +19,8 @@ normalised by ``bnn_kernels.ops`` before any backend runs, so backends never val
 ``gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param) -> float32 ()``
 ``gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param) -> (dmu, drho)`` in mu's dtype
 ``linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator) -> (y, kl, std)``:
-    y ``(M, N)`` in x's dtype (bias added), kl float32 (), std ``(M, N)`` in x's dtype for lrt (the output
-    standard deviation, kept for backward) or an empty tensor for reparam.
+    y ``(M, N)`` in x's dtype (bias added), kl float32 (), std ``(M, N)`` for lrt (the output standard deviation,
+    kept for backward; float32, float64 for float64 x: ``sigma.compute_dtype``) or an empty tensor for reparam.
 ``linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param, estimator, need_dx)
     -> (dx or None, dmu, drho)``: grad_y contiguous ``(M, N)`` in x's dtype, grad_kl float32 ();
     dmu/drho include the KL gradient scaled by grad_kl.  The bias gradient is grad_y.sum(0), taken by ops.
@@ -41,7 +43,8 @@ lists (explicit symmetric padding) and ``groups`` an int, all checked by ops.  T
 are returned contiguous.
 
 ``conv_fwd(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param, estimator)
-    -> (y, kl, std)``: y contiguous NCHW in x's dtype (bias added), kl as for linear, std output-sized (lrt) or empty.
+    -> (y, kl, std)``: y contiguous NCHW in x's dtype (bias added), kl as for linear, std output-sized (lrt; dtype as
+    for linear) or empty.
 ``conv_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, stride, padding, dilation, groups, prior_sigma,
     sigma_param, estimator, need_dx) -> (dx or None, dmu, drho)``: grad_y contiguous NCHW in x's dtype; the bias
     gradient is grad_y.sum((0, 2, 3)), taken by ops.
@@ -54,7 +57,8 @@ Bayesian LoRA (``bnn_kernels.ops.bayes_lora_linear`` / ``bayes_lora_conv2d``): y
 scale * up(down(x; A); B).  Linear: base(x; W) = x @ W^T, down(x; A) = x @ A^T, up(h; B) = h @ B^T with x (M, K),
 W (N, K), A = ``lora_a`` (r, K), B = ``lora_b`` (N, r).  Conv: base / down are conv2d with the op's stride, padding,
 dilation (groups 1) and W (N, C, kh, kw), A (r, C, kh, kw); up is the 1x1 conv with B (N, r, 1, 1); x, y NCHW.  The
-base ``weight`` / ``bias`` are frozen (no gradient) and may have any floating dtype; ``lora_a``, ``lora_b``, ``rho``
+base ``weight`` / ``bias`` are frozen (no gradient) and may have any floating dtype (``weight`` any strides, as
+``mu``); ``lora_a``, ``lora_b``, ``rho``
 share one; ``rho`` has the shape of the Bayesian factor F (A for ``bayes`` "A", B for "B"), whose prior is
 N(0, prior_sigma^2).  Precision: every map runs on operands rounded to x's dtype with float32 accumulation (the
 weight is converted tile by tile or block by block, never as a whole); the factor sample / sigma^2 is formed in

@@ -15,9 +15,11 @@ ESTIMATORS = ("reparam", "lrt")
 MIN_SIGMA = 1e-7  # the "direct" parameterisation clamps sigma here, as the paper does
 
 
-def kl_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """The KL is float32, or float64 for float64 parameters (gradcheck)."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 tensors (gradcheck): the dtype the kernels accumulate in, of the KL (for the
+    parameters' dtype) and of the lrt output std kept for backward (for x's dtype; a float16 std would round to a
+    subnormal, and 1 / std in backward blow up, for the small sigmas of a fresh posterior)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sigma_from_rho(rho: torch.Tensor, sigma_param: str) -> torch.Tensor:

@@ -18,9 +18,10 @@
 
 namespace bnn {
 
-// The arguments every block-wise op takes, checked and made contiguous.
+// The arguments every block-wise op takes, checked; x made contiguous.  mu, rho and prior_mu are kept as given (a
+// channels_last or transposed weight is not copied whole): each block of rows is made contiguous as it is read.
 struct BlockwiseProblem {
-  at::Tensor x, mu, rho, prior_mu;  // contiguous; prior_mu undefined when absent
+  at::Tensor x, mu, rho, prior_mu;  // prior_mu undefined when absent
   int64_t row_size = 0;             // weight elements per row (output feature / channel); set by the op
   int64_t max_rows = 0;             // rows in the largest block; set by the op
   at::ScalarType x_type;            // dtype of x, y and dx
@@ -34,13 +35,13 @@ struct BlockwiseProblem {
             const c10::optional<at::Tensor>& prior_mu_in, const at::Tensor& seed, c10::string_view sigma_param_in,
             c10::string_view estimator_in) {
     x = x_in.contiguous();
-    mu = mu_in.contiguous();
-    rho = rho_in.contiguous();
+    mu = mu_in;
+    rho = rho_in;
     if (prior_mu_in.has_value() && prior_mu_in->defined()) {
       check_cpu_float(*prior_mu_in, "prior_mu");
       TORCH_CHECK(prior_mu_in->sizes() == mu_in.sizes(), "bnn_cpu.", op, ": prior_mu must have mu's shape ",
                   mu_in.sizes(), ", got ", prior_mu_in->sizes());
-      prior_mu = prior_mu_in->contiguous();
+      prior_mu = *prior_mu_in;
     }
     x_type = x.scalar_type();
     work_type = compute_type(x_type);
@@ -50,8 +51,9 @@ struct BlockwiseProblem {
   }
 
   // Weight values as a GEMM / convolution operand: rounded to x's dtype (what an op in x's dtype would read), held in
-  // the work type.  Both conversions are no-ops for float32.
-  at::Tensor operand(const at::Tensor& w) const { return w.to(x_type).to(work_type); }
+  // the work type, contiguous (a conv with a channels_last weight would not write NCHW).  All three are no-ops for a
+  // float32 block of a contiguous weight.
+  at::Tensor operand(const at::Tensor& w) const { return w.to(x_type).to(work_type).contiguous(); }
 
   at::Tensor kl_tensor(double kl) const {
     return at::scalar_tensor(kl, mu.options().dtype(compute_type(mu.scalar_type())));

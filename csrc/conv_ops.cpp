@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_fwd(const ConvProblem& p, con
   at::Tensor var = lrt_variance<P>(p, xc * xc, prior, &kl);
   // mean becomes y and var becomes std, in place; flat index, the bias is already in the mean
   lrt_output_in_place(p, 1, mean.numel(), mean, var, at::Tensor());
-  return {mean.to(p.x_type), p.kl_tensor(kl), var.to(p.x_type)};
+  return {mean.to(p.x_type), p.kl_tensor(kl), var};  // std stays in the work type (float32 for 16-bit x)
 }
 
 template <typename P>

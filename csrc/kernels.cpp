@@ -229,13 +229,13 @@ BNN_INLINE void lrt_output_loop(PhiloxKey key, int64_t cols, const T* mean, cons
   while (i < end) {
     const int64_t col0 = i % cols;
     const int64_t len = std::min(end - i, cols - col0);
-    const T* bias_row = kBias ? bias + col0 - i : nullptr;  // bias_row[j] is the bias of element j
+    const T* bias_row = kBias ? bias + col0 : nullptr;  // bias_row[j - i] is the bias of element j
 #pragma omp simd
     for (int64_t j = i; j < i + len; ++j) {
       const T s = std::sqrt(var[j]);
       const T xi = static_cast<T>(philox_normal(key, static_cast<uint64_t>(j)));
       std_out[j] = s;
-      y[j] = kBias ? mean[j] + bias_row[j] + s * xi : mean[j] + s * xi;
+      y[j] = kBias ? mean[j] + bias_row[j - i] + s * xi : mean[j] + s * xi;
     }
     i += len;
   }

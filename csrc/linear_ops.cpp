@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrt_fwd(const LinearProblem& p, c
   double kl = 0.0;
   at::Tensor var = lrt_variance<P>(p, x_sq, prior, &kl);
   lrt_output_in_place(p, p.m, p.n, mean, var, bias);  // mean becomes y and var becomes std
-  return {mean.to(p.x_type), p.kl_tensor(kl), var.to(p.x_type)};
+  return {mean.to(p.x_type), p.kl_tensor(kl), var};  // std stays in the work type (float32 for 16-bit x)
 }
 
 template <typename P>

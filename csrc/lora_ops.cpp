@@ -118,7 +118,7 @@ class Conv2dMaps final : public LoRAMaps {
 };
 
 struct LoRAProblem {
-  at::Tensor x, weight, a, b, rho;  // contiguous
+  at::Tensor x, weight, a, b, rho;  // contiguous but the frozen weight, kept as given (a channels_last base not copied)
   bool bayes_a;
   SigmaParam sigma_param;
   Estimator estimator;
@@ -149,7 +149,7 @@ LoRAProblem make_problem(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(lora_a.scalar_type() == lora_b.scalar_type() && rho.scalar_type() == lora_a.scalar_type(), "bnn_cpu.",
               op, ": lora_a, lora_b and rho must share a dtype");
   p.x = x.contiguous();
-  p.weight = weight.contiguous();
+  p.weight = weight;
   p.a = lora_a.contiguous();
   p.b = lora_b.contiguous();
   p.rho = rho.contiguous();
@@ -438,10 +438,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_conv2d_bwd(
   const LoRAProblem p =
       make_problem("lora_conv2d_bwd", x, weight, lora_a, lora_b, rho, seed, scale, bayes, sigma_param, estimator);
   const Conv2dMaps maps = conv_maps(p, stride, padding, dilation, "lora_conv2d_bwd");
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == p.x.size(0) && grad_y.size(1) == p.weight.size(0),
-              "bnn_cpu.lora_conv2d_bwd: grad_y must have shape (B, N, H_out, W_out), got ", grad_y.sizes());
-  TORCH_CHECK(h.dim() == 4 && h.size(0) == p.x.size(0) && h.size(1) == p.a.size(0),
-              "bnn_cpu.lora_conv2d_bwd: h must have shape (B, r, H_out, W_out), got ", h.sizes());
+  std::vector<int64_t> y_shape = maps.base_output_shape(p.x, p.weight);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(y_shape), "bnn_cpu.lora_conv2d_bwd: grad_y must have shape ",
+              at::IntArrayRef(y_shape), " (B, N, H_out, W_out), got ", grad_y.sizes());
+  y_shape[1] = p.a.size(0);
+  TORCH_CHECK(h.sizes() == at::IntArrayRef(y_shape), "bnn_cpu.lora_conv2d_bwd: h must have shape ",
+              at::IntArrayRef(y_shape), " (B, r, H_out, W_out), got ", h.sizes());
   return dispatch_bwd(maps, p, grad_y, grad_kl, h, aux, prior_sigma, need_dx);
 }
 

@@ -24,7 +24,8 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_bwd(const at::Tensor& grad_kl, co
                                                    const at::Tensor& rho, const c10::optional<at::Tensor>& prior_mu,
                                                    double prior_sigma, c10::string_view sigma_param);
 
-// (y (M, N) in x's dtype, kl 0-dim, std (M, N) in x's dtype for lrt or empty for reparam).
+// (y (M, N) in x's dtype, kl 0-dim, std (M, N) for lrt in the work type (float32, float64 for float64 x) or empty
+// for reparam).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, const at::Tensor& mu,
                                                           const at::Tensor& rho, const c10::optional<at::Tensor>& bias,
                                                           const c10::optional<at::Tensor>& prior_mu,
@@ -39,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(
 
 // Bayesian conv2d, with the conventions of bnn_kernels/registry.py: x (B, C_in, H, W), mu/rho
 // (C_out, C_in / groups, kh, kw), stride/padding/dilation two values each.  (y (B, C_out, H_out, W_out) in x's dtype,
-// kl 0-dim, std shaped like y for lrt or empty for reparam).
+// kl 0-dim, std shaped like y for lrt (in the work type) or empty for reparam).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_fwd(const at::Tensor& x, const at::Tensor& mu,
                                                         const at::Tensor& rho, const c10::optional<at::Tensor>& bias,
                                                         const c10::optional<at::Tensor>& prior_mu,

@@ -34,7 +34,7 @@ inline at::Tensor as_type(const at::Tensor& t, at::ScalarType s) {
   return t.scalar_type() == s ? t.contiguous() : t.to(s).contiguous();
 }
 
-// Rows [begin, begin + count) of the contiguous posterior tensors, in the compute type T.
+// Rows [begin, begin + count) of the posterior tensors (any strides), contiguous in the compute type T.
 template <typename T>
 struct PosteriorRows {
   at::Tensor mu, rho, prior_mu;  // prior_mu undefined when absent

@@ -32,6 +32,20 @@ def max_abs_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
     return (value.detach().double().cpu() - oracle.detach().double().cpu()).abs().max().item() if value.numel() else 0.0
 
 
+def relative_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
+    """max |value - oracle| / max |oracle|: for gradients far below 1, which an absolute tolerance would pass."""
+    return max_abs_error(value, oracle) / oracle.detach().abs().max().item()
+
+
+def lrt_loss_gradients(op, x, mu, rho):
+    """(dx, dmu, drho) of ``op(x, mu, rho) -> (y, kl)`` for the loss y.sum() alone (KL weight 0): the gradients
+    through lrt's output std, which the KL's gradient would otherwise outweigh."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, mu, rho)]
+    y, _ = op(*leaves)
+    y.float().sum().backward()
+    return [leaf.grad for leaf in leaves]
+
+
 def assert_close_to_oracle(name: str, value, oracle, same_dtype_torch, dtype) -> None:
     """The rule of flash-attention: error vs the float64 oracle at most 2x that of plain PyTorch in the same dtype
     (``same_dtype_torch``), plus a small absolute tolerance scaled by the oracle's magnitude."""

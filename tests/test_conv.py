@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import bnn_kernels as bk
 from bnn_kernels.reference import bayes_conv2d_materialised
-from helpers import BACKENDS, assert_compiled_matches_eager, assert_layer_close_to_oracle, device_for
+from helpers import (BACKENDS, assert_compiled_matches_eager, assert_layer_close_to_oracle, device_for,
+                     lrt_loss_gradients, relative_error)
 from test_linear import run_with_grads
 from test_memory_contract import SavedTensors
 
@@ -104,6 +105,27 @@ def test_low_precision_matches_oracle(backend, estimator, dtype, param_dtype, co
     params = torch.float32 if param_dtype == "float32" else dtype
     inputs = make_inputs(conv, dtype, params, device_for(backend), "softplus")
     check_against_oracle(backend, conv, *inputs, 11, "softplus", estimator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lrt_gradient_of_a_small_posterior_sigma_in_16_bit(backend, dtype):
+    """As for the linear op: the output std kept for backward must not round to a float16 subnormal."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 6, 6, generator=generator, dtype=torch.float64) * 1e-2
+    mu = torch.randn(6, 4, 3, 3, generator=generator, dtype=torch.float64) / 6
+    rho = torch.full((6, 4, 3, 3), 1e-5, dtype=torch.float64)
+
+    def layer(x_, mu_, rho_):
+        return bk.bayes_conv2d(x_, mu_, rho_, padding=1, seed=5, prior_sigma=0.1, sigma_param="direct",
+                               estimator="lrt")
+
+    with bk.use_backend("reference"):
+        oracle = lrt_loss_gradients(layer, x, mu, rho)
+    device = device_for(backend)
+    with bk.use_backend(backend):
+        grads = lrt_loss_gradients(layer, x.to(device, dtype), mu.float().to(device), rho.float().to(device))
+    assert relative_error(grads[2], oracle[2]) < 1e-2
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")

@@ -6,7 +6,8 @@ import torch
 
 import bnn_kernels as bk
 from bnn_kernels.reference import bayes_linear_materialised
-from helpers import BACKEND_VARIANTS, BACKENDS, assert_layer_close_to_oracle, device_for
+from helpers import (BACKEND_VARIANTS, BACKENDS, assert_layer_close_to_oracle, device_for, lrt_loss_gradients,
+                     relative_error)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading dims of x, out_features N, in_features K): odd sizes around tile edges, 1s, and extra leading dims
@@ -129,6 +130,27 @@ def test_reparam_shares_one_weight_sample_across_the_batch(backend):
     torch.testing.assert_close(y.t().cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lrt_gradient_of_a_small_posterior_sigma_in_16_bit(backend, dtype):
+    """lrt's backward divides by the output std kept from the forward.  With sigma = 1e-5 and x ~ 1e-2 (a fresh
+    posterior, small activations) std is ~1e-6: kept in float16 it would be subnormal, and drho off by ~7%."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 16, generator=generator, dtype=torch.float64) * 1e-2
+    mu = torch.randn(12, 16, generator=generator, dtype=torch.float64) / 4
+    rho = torch.full((12, 16), 1e-5, dtype=torch.float64)
+
+    def layer(x_, mu_, rho_):
+        return bk.bayes_linear(x_, mu_, rho_, seed=5, prior_sigma=0.1, sigma_param="direct", estimator="lrt")
+
+    with bk.use_backend("reference"):
+        oracle = lrt_loss_gradients(layer, x, mu, rho)
+    device = device_for(backend)
+    with bk.use_backend(backend):
+        grads = lrt_loss_gradients(layer, x.to(device, dtype), mu.float().to(device), rho.float().to(device))
+    assert relative_error(grads[2], oracle[2]) < 1e-2
+
+
 def test_empty_batch_gives_empty_output_and_the_kl():
     x = torch.randn(0, 4, requires_grad=True)
     mu = torch.randn(3, 4, requires_grad=True)
@@ -138,6 +160,17 @@ def test_empty_batch_gives_empty_output_and_the_kl():
     torch.testing.assert_close(kl, bk.gaussian_kl(mu, rho))
     kl.backward()
     assert mu.grad is not None and rho.grad is not None
+
+
+def test_zero_in_features_gives_the_bias():
+    """nn.Linear(0, n): y is the bias, the KL that of an empty posterior (0)."""
+    x = torch.randn(2, 3, 0)
+    mu, rho = torch.randn(4, 0), torch.full((4, 0), -3.0)
+    bias = torch.randn(4)
+    for estimator in ("reparam", "lrt"):
+        y, kl = bk.bayes_linear(x, mu, rho, bias, seed=1, estimator=estimator)
+        torch.testing.assert_close(y, bias.expand(2, 3, 4))
+        assert kl.item() == 0.0
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])

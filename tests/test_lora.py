@@ -299,6 +299,34 @@ def test_saves_nothing_weight_or_output_sized(backend, estimator, bayes, layer):
     assert all(t.grad is not None for t in (x, lora_a, lora_b, rho))
 
 
+@pytest.mark.parametrize("backend", LORA_BACKENDS, indirect=True)
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_a_strided_base_weight_is_read_without_a_kept_copy(backend, layer):
+    """A channels_last conv base (model.to(memory_format=torch.channels_last)) or a transposed linear base: the
+    results of its contiguous copy, and autograd keeps the weight itself, not a weight-sized copy of it."""
+    if backend == "triton" and layer == "conv" and "BNN_TRITON_LORA" in os.environ:
+        pytest.skip("BNN_TRITON_LORA concerns the linear LoRA only")
+    device = device_for(backend)
+    if layer == "linear":
+        x, weight, bias, lora_a, lora_b, rho = linear_inputs((6,), 40, 48, 2, "B", "softplus", device=device)
+        strided = weight.t().contiguous().t()
+        op, geometry = bk.bayes_lora_linear, {}
+    else:
+        x, weight, bias, lora_a, lora_b, rho = conv_inputs(CONV_CASES[0], "B", device=device, channels=(24, 24),
+                                                           size=3)
+        strided = weight.contiguous(memory_format=torch.channels_last)
+        op, geometry = bk.bayes_lora_conv2d, dict(padding=1)
+    assert not strided.is_contiguous()
+    results = []
+    for base in (weight, strided):
+        with bk.use_backend(backend), SavedTensors() as record:
+            results.append(run_with_grads(
+                lambda *inputs: op(*inputs, scale=1.0, seed=5, **geometry), x, base, bias, lora_a, lora_b, rho))
+        assert all(t.numel() < weight.numel() for t in record.new_tensors(x, base, bias, lora_a, lora_b, rho))
+    for contiguous, strided_result in zip(*results):
+        torch.testing.assert_close(strided_result, contiguous)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
 @pytest.mark.parametrize("setting, rank, dtype, fused", [
     (None, 64, torch.bfloat16, True), (None, 65, torch.bfloat16, False), (None, LARGE_RANK, torch.float16, False),
@@ -390,6 +418,19 @@ def test_empty_batch_gives_empty_output_and_the_kl():
     torch.testing.assert_close(kl, bk.gaussian_kl(lora_b, rho))
     kl.backward()
     assert lora_b.grad is not None and rho.grad is not None
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("empty", ["in_features", "out_features"])
+def test_zero_features(backend, empty):
+    """nn.Linear(0, n) / nn.Linear(k, 0) as a LoRA base, with a float16 weight (converted block by block)."""
+    n, k = (5, 0) if empty == "in_features" else (0, 4)
+    x, weight, bias, lora_a, lora_b, rho = linear_inputs((3,), n, k, 2, "B", "softplus")
+    with bk.use_backend(backend):
+        y, kl = bk.bayes_lora_linear(x.half(), weight.half(), None, lora_a, lora_b, rho, scale=1.0, seed=1)
+    assert y.shape == (3, n) and y.dtype == torch.float16
+    assert torch.all(y == 0)
+    torch.testing.assert_close(kl, bk.gaussian_kl(lora_b, rho))
 
 
 def test_unbatched_channels_last_conv_input():

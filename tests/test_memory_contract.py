@@ -54,6 +54,28 @@ def test_bayes_linear_saves_no_weight_sized_tensor(backend, estimator):
     assert mu.grad is not None and rho.grad is not None
 
 
+@pytest.mark.parametrize("backend", BACKEND_VARIANTS, indirect=True)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+def test_bayes_linear_reads_strided_parameters_without_a_kept_copy(backend, estimator):
+    """Transposed mu / rho / prior_mu (a tied or transposed weight): the results of their contiguous copies, and
+    autograd keeps the parameters themselves, not weight-sized copies of them."""
+    inputs = _layer_inputs(device_for(backend))
+    results = []
+    for strided in (False, True):
+        x, mu, rho, bias, prior = (t.detach().clone() for t in inputs)
+        if strided:
+            mu, rho, prior = (t.t().contiguous().t() for t in (mu, rho, prior))
+            assert not mu.is_contiguous()
+        x, mu, rho, bias = (t.requires_grad_() for t in (x, mu, rho, bias))
+        with bk.use_backend(backend), SavedTensors() as record:
+            y, kl = bk.bayes_linear(x, mu, rho, bias, seed=5, prior_mu=prior, estimator=estimator)
+        assert all(t.numel() < mu.numel() for t in record.new_tensors(x, mu, rho, bias, prior))
+        (y.square().sum() + kl).backward()
+        results.append((y, kl, x.grad, mu.grad, rho.grad))
+    for contiguous, strided in zip(*results):
+        torch.testing.assert_close(strided, contiguous)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gaussian_kl_saves_only_its_inputs(backend):
     _, mu, rho, _, prior = _layer_inputs(device_for(backend))

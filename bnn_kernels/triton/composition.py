@@ -95,7 +95,7 @@ def weight_stand_in(like: torch.Tensor, shape) -> torch.Tensor:
 
 
 def lrt_fwd(maps: Maps, x, mu, rho, bias, prior, seed, prior_sigma, sigma_param):
-    """(y, kl, std): y and std shaped like the map's output in x's dtype, kl float32 ().  x, mu, rho, prior
+    """(y, kl, std): y and std shaped like the map's output, y in x's dtype, std and kl float32.  x, mu, rho, prior
     contiguous."""
     var_dtype = lrt_var_dtype(x.dtype)
     s2, kl = sigma_squared(mu, rho, var_dtype, sigma_param, prior, prior_sigma, with_kl=True)
@@ -103,7 +103,7 @@ def lrt_fwd(maps: Maps, x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
     del s2
     bias_x = None if bias is None else bias.to(x.dtype)
     y = maps.forward(x, mu.to(x.dtype), bias_x).contiguous()  # the mean, turned into y in place
-    std = torch.empty_like(y)
+    std = torch.empty_like(y, dtype=torch.float32)
     _lrt_output_kernel[_grid(y.numel())](y, var, seed, y, std, y.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
                                          **FP_FUSION)
     return y, kl, std

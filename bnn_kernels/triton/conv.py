@@ -39,7 +39,7 @@ def _conv_maps(stride, padding, dilation, groups) -> Maps:
 
 def conv_fwd(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param,
              estimator):
-    """(y, kl, std): y NCHW in x's dtype, kl float32 (), std shaped like y in x's dtype for lrt, else empty."""
+    """(y, kl, std): y NCHW in x's dtype, kl float32 (), std shaped like y in float32 for lrt, else empty."""
     x, mu, rho = x.contiguous(), mu.contiguous(), rho.contiguous()
     prior = None if prior_mu is None else prior_mu.contiguous()
     maps = _conv_maps(stride, padding, dilation, groups)

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ..sigma import compute_dtype
 from .common import (FP_FUSION, dot_precision, dots_use_tensor_cores, gemm_configs, interpreter_meta, mma,
                      prior_constants, to_dtype, tuned, var_in_float32, variant_setting)
 from .kl import kl_grads, kl_terms, load_mu_sigma, load_posterior, load_prior, sigma_of, store_reparam_grads
@@ -440,7 +441,7 @@ def _grid(rows: int, cols: int, row_block: str, col_block: str):
 
 
 def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator):
-    """(y, kl, std): y (M, N) in x's dtype, kl float32 (), std (M, N) in x's dtype for lrt, else empty."""
+    """(y, kl, std): y (M, N) in x's dtype, kl float32 (), std (M, N) float32 for lrt, else empty."""
     x, mu, rho = x.contiguous(), mu.contiguous(), rho.contiguous()
     bias = None if bias is None else bias.contiguous()
     prior = None if prior_mu is None else prior_mu.contiguous()
@@ -467,7 +468,7 @@ def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estim
                                   **common)
         std = x.new_empty(0)
     else:
-        std = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        std = torch.empty((M, N), dtype=compute_dtype(x.dtype), device=x.device)
         _lrt_fwd_kernel[grid](x, mu, rho, bias_arg, prior_arg, seed, y, std, kl_rows, M, N, K, log_ps, half_inv_ps2,
                               VAR_FP32=var_in_float32(x.dtype), **common)
     return y, kl_rows.sum(), std
