@@ -60,15 +60,27 @@ def mix_seed(*values: int) -> int:
     return state & _MASK63
 
 
+def _to_rgb(image: "Image.Image") -> "Image.Image":
+    """RGB, with the wide grey modes (I;16*, I, F) mapped to 0..255 as their type's full range: 65535 for 16 bits
+    (an "I" image, 32-bit ints, is read as 16-bit data, what PNG/TIFF decoders give it), 1.0 for floats."""
+    if image.mode.startswith("I") or image.mode == "F":
+        full_range = 1.0 if image.mode == "F" else 65535.0
+        grey = np.asarray(image, dtype=np.float64) / full_range * 255.0
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def load_image(path, resolution: int, center_crop: bool = True, crop_seed: int = 0) -> torch.Tensor:
     """One image as a float32 (3, resolution, resolution) tensor in [-1, 1].
 
-    EXIF orientation is applied, the image converted to RGB, resized so its shorter side is ``resolution``
+    EXIF orientation is applied, the image converted to RGB (16-bit and float grey images scaled to 8 bits over
+    their type's range first: Pillow's own conversion would clip them to white), resized so its shorter side is
+    ``resolution``
     (bilinear) and cropped to a square: in the centre, or (``center_crop=False``) at an offset drawn from
     ``crop_seed``.
     """
     with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+        image = _to_rgb(ImageOps.exif_transpose(opened))
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))

@@ -11,8 +11,9 @@ import torch
 
 from bnn_diffusion.study import METHODS, config_for, main
 from bnn_diffusion.study.analysis import compare, profile, summarize_method
-from bnn_diffusion.study.classifier import train_classifier
+from bnn_diffusion.study.classifier import train_classifier, unseen_by_classifier
 from bnn_diffusion.study.data import few_shot_indices, load_digits_images
+from bnn_diffusion.study.finetune import shot_batch
 from bnn_diffusion.study.metrics import (METRICS, Reference, entropy, evaluate_samples, frechet_distance,
                                          high_frequency_fraction, mean_pairwise_distance, nearest_neighbour_distance,
                                          total_variation)
@@ -49,6 +50,10 @@ def test_smoke_study_end_to_end(tmp_path, capsys):
         assert all(math.isfinite(v) and v >= 0 for v in record["drift"])
         assert record["drift"][0] == 0 and record["drift"][-1] > 0  # it trained, starting from the pretrained model
         assert len(record["shot_indices"]) == config.shots
+        # the shots are images of the class the judging classifier was not trained on
+        labels = load_digits_images(8).labels.numpy()
+        in_class = np.flatnonzero(labels == config.holdout_class)
+        assert unseen_by_classifier(len(labels), config.pretrain_seed)[in_class[record["shot_indices"]]].all()
     bnn, baseline = result["runs"]["bnn"]["seeds"]["0"], result["runs"]["baseline"]["seeds"]["0"]
     assert all(s == pytest.approx(config.sigma_init, rel=0.05) for s in bnn["sigma_mean"])
     assert all(s is None for s in baseline["sigma_mean"])
@@ -103,6 +108,15 @@ def test_digits_and_shots(digits):
         few_shot_indices(2, 3, seed=0)
 
 
+@pytest.mark.parametrize("shots, batch", [(3, 8), (10, 8), (5, 2), (4, 4)])
+def test_every_shot_is_trained_on_equally_often(shots, batch):
+    steps = 60
+    counts = torch.bincount(torch.cat([shot_batch(shots, batch, step) for step in range(1, steps + 1)]),
+                            minlength=shots)
+    assert counts.sum() == steps * batch and counts.max() - counts.min() <= 1
+    assert torch.equal(shot_batch(shots, batch, 1), torch.arange(batch) % shots)
+
+
 def test_distances_on_known_inputs(digits):
     shots = digits.images[:4]
     assert torch.allclose(nearest_neighbour_distance(shots[:2], shots), torch.zeros(2, dtype=torch.float64))
@@ -143,7 +157,7 @@ def test_classifier_recognises_real_digits(digits):
     assert accuracy > 0.9
     real, shots = digits.of_class(3)[3:], digits.of_class(3)[:3]
     reference = Reference.build(classifier, 3, real, shots)
-    values = reference.real_values(classifier)
+    values = reference.real_values(classifier, 48, seed=0)
     assert values["fidelity"] > 0.8
     assert values["hf_ratio"] == pytest.approx(1.0) and values["tv_ratio"] == pytest.approx(1.0)
     noisy = (real + 0.5 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
@@ -162,6 +176,9 @@ def test_noise_profiles():
     rising = profile(steps, [1, 1.4, 2, 2.2, 2.3, 2.3, 2.4, 2.4])
     assert rising["shape"] == "rise" and rising["peak_step"] == 70
     assert profile(steps, [1, 1.05, 1.1, 1.0, 1.05, 1.1, 1.0, 1.0])["shape"] == "flat"
+    # the start is the step-0 value itself: smoothing it with step 1 would hide this 50% rise that recedes
+    receding = profile(steps[:6], [1, 1.5, 1.5, 1.2, 1, 1])
+    assert receding["start"] == 1 and receding["shape"] == "rise-and-fall"
 
 
 def _records(peaks_by_seed: dict, fidelity: float) -> dict:

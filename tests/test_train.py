@@ -359,6 +359,22 @@ def test_batch_stream_is_a_function_of_position(tmp_path):
     assert center.shape == (3, 16, 16) and -1 <= center.min() and center.max() <= 1
 
 
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_wide_grey_images_keep_their_range(tmp_path, mode):
+    """16-bit and float grey images (scans, medical and astronomy data) load over [-1, 1], not clipped to white."""
+    from PIL import Image
+
+    from bnn_diffusion import data
+    full = 65535 if mode == "I;16" else 1.0
+    ramp = torch.linspace(0, 1, 16 * 16, dtype=torch.float64).reshape(16, 16) * full
+    path = tmp_path / ("ramp.png" if mode == "I;16" else "ramp.tif")
+    Image.fromarray(ramp.numpy().astype("uint16" if mode == "I;16" else "float32")).save(path)
+    assert Image.open(path).mode == mode
+    image = data.load_image(path, 16)
+    assert image.min() == -1 and image.max() == 1
+    torch.testing.assert_close(image[0], (ramp / full * 2 - 1).float(), atol=1 / 127.5, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # errors and the command line
 # ----------------------------------------------------------------------------------------------------------------

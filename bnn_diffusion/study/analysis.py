@@ -2,8 +2,8 @@
 
 1. Does the corruption stage appear?  The noise-pattern measure (``hf_ratio``: high-frequency energy of the samples
    relative to real digits) is averaged over seeds and smoothed with a centred 3-point moving average (evaluation
-   noise).  Its profile is a **rise** when its maximum after step 0 is at least ``RISE`` times its value at step 0,
-   and a **rise-and-fall** (the paper's corruption stage: noise appears, then recedes as the model overfits) when,
+   noise).  Its profile is a **rise** when its smoothed maximum after step 0 is at least ``RISE`` times its value at
+   step 0 (not smoothed: every method and seed starts from the same pretrained model), and a **rise-and-fall** (the paper's corruption stage: noise appears, then recedes as the model overfits) when,
    besides, the maximum is not at the last evaluation and at least half of the excess over the start is gone by
    the end.  Anything else is **flat**.
 2. Does a method mitigate it?  Paired with the baseline seed by seed: its peak noise (maximum over steps > 0 of the
@@ -38,12 +38,13 @@ def smooth(values) -> np.ndarray:
 
 
 def profile(steps, values) -> dict:
-    """The shape of one noise curve (see the module docstring): start, peak (after step 0), end and the shape."""
+    """The shape of one noise curve (see the module docstring): start (the step-0 value), smoothed peak (after step
+    0) and end, and the shape."""
     v = smooth(values)
     if len(v) < 2:
         raise ValueError("a profile needs at least two evaluations")
     peak_index = int(np.argmax(v[1:])) + 1
-    start, peak, end = float(v[0]), float(v[peak_index]), float(v[-1])
+    start, peak, end = float(values[0]), float(v[peak_index]), float(v[-1])
     rises = peak >= RISE * start
     recovers = rises and peak_index < len(v) - 1 and (peak - end) >= 0.5 * (peak - start)
     return {"start": start, "peak": peak, "peak_step": int(steps[peak_index]), "end": end,

@@ -3,7 +3,8 @@
 Its class probabilities measure fidelity (probability of the held-out class) and quality (confidence, entropy) of
 generated samples; its penultimate features feed the Frechet distance to real images.  It is trained on 80% of the
 digits (small random shifts as augmentation; no noise augmentation, so that noisy samples lower its confidence) and
-its accuracy on the other 20% is reported with the study.
+its accuracy on the other 20% is reported with the study.  The few-shot training images are drawn from those 20%
+(``unseen_by_classifier``): a model that copies its shots must not be judged on images the judge has learnt.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from .data import Digits
 
-__all__ = ["DigitClassifier", "train_classifier", "split_indices"]
+__all__ = ["DigitClassifier", "train_classifier", "split_indices", "unseen_by_classifier"]
 
 FEATURES = 32
 
@@ -53,6 +54,13 @@ def split_indices(count: int, seed: int, test_fraction: float = 0.2) -> tuple:
     order = np.random.default_rng(seed).permutation(count)
     cut = int(round(count * (1 - test_fraction)))
     return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def unseen_by_classifier(count: int, seed: int) -> np.ndarray:
+    """Boolean mask over the ``count`` digits: True for the test split of ``train_classifier(..., seed=seed)``."""
+    mask = np.zeros(count, dtype=bool)
+    mask[split_indices(count, seed)[1]] = True
+    return mask
 
 
 def _shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -71,7 +71,7 @@ class StudyConfig:
     seeds: tuple = (0, 1)
     finetune_steps: int = 200
     finetune_lr: float = 1e-3
-    finetune_batch: int = 8         # the shots repeated (each with its own noise level and noise)
+    finetune_batch: int = 8         # the shots in turn (each with its own noise level and noise)
     # sigma stored directly as in the paper; the paper's 0.01 was set for Stable Diffusion's weights: the weights
     # this study makes Bayesian have an RMS of about 0.07, and 0.03 keeps the posterior noise a sizeable fraction
     # of them (the study records the ratio; --sigma-init 0.01 --prior-sigma 0.01 gives the paper's absolute values)

@@ -34,7 +34,7 @@ from .metrics import METRICS, Reference, evaluate_samples
 from .models import NUM_CLASSES, diffusion_target, make_noise_scheduler, sample_images
 from .pretrain import Pretrained
 
-__all__ = ["RunResult", "finetune_run", "subject_init"]
+__all__ = ["RunResult", "finetune_run", "subject_init", "shot_batch"]
 
 _PAPER_PRESET = "paper-dreambooth"
 
@@ -54,6 +54,12 @@ def subject_init(conditioner, holdout_class: int) -> torch.Tensor:
     seen = torch.tensor([c for c in range(NUM_CLASSES) if c != holdout_class])
     with torch.no_grad():
         return conditioner.raw(seen).mean(0)
+
+
+def shot_batch(shots: int, batch: int, step: int) -> torch.Tensor:
+    """The shot indices of training step ``step`` (from 1): the shots in turn, continuing from the last step's, so
+    that every shot is trained on equally often (to within one) whatever the batch size."""
+    return (torch.arange(batch) + (step - 1) * batch) % shots
 
 
 def _setup(unet, config: StudyConfig, bayesian: bool) -> list:
@@ -111,8 +117,6 @@ def finetune_run(config: StudyConfig, method_name: str, seed: int, pretrained: P
     scheduler = make_noise_scheduler(config)
     null_condition = conditioner(torch.tensor([conditioner.null_label]))
     shots = reference.shots
-    repeats = -(-config.finetune_batch // len(shots))
-    batch_images = shots.repeat(repeats, 1, 1, 1)[:config.finetune_batch]
 
     record = {"method": method_name, "seed": seed, "steps": [], "metrics": {m: [] for m in METRICS},
               "train_loss": [], "kl": [], "sigma_mean": [], "drift": []}
@@ -140,6 +144,7 @@ def finetune_run(config: StudyConfig, method_name: str, seed: int, pretrained: P
     eval_steps = set(config.eval_steps)
     evaluate(0)
     for step in range(1, config.finetune_steps + 1):
+        batch_images = shots[shot_batch(len(shots), config.finetune_batch, step)]
         noise = torch.randn(batch_images.shape, generator=data_generator)
         t = torch.randint(0, config.train_timesteps, (len(batch_images),), generator=data_generator)
         noisy = scheduler.add_noise(batch_images, noise, t)
@@ -147,15 +152,14 @@ def finetune_run(config: StudyConfig, method_name: str, seed: int, pretrained: P
         if method.cep:
             condition = bd.cep.perturb(condition, config.cep_gamma, "gaussian", generator=cep_generator)
         prediction = unet(noisy, t, encoder_hidden_states=condition).sample
-        loss = F.mse_loss(prediction, diffusion_target(scheduler, batch_images, noise, t))
-        if method.kl:
-            loss = loss + config.kl_weight * bd.kl_loss(unet)
+        denoising_loss = F.mse_loss(prediction, diffusion_target(scheduler, batch_images, noise, t))
+        loss = denoising_loss + config.kl_weight * bd.kl_loss(unet) if method.kl else denoising_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{method_name} seed {seed}: the loss is not finite at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        window.append(loss.item())
+        window.append(denoising_loss.item())  # the same measure for every method (the KL is recorded apart)
         if step in eval_steps:
             evaluate(step)
         if progress is not None:

@@ -129,13 +129,16 @@ class Reference:
         return cls(target, real, shots, features.double().numpy(), total_variation(real).mean().item(),
                    high_frequency_fraction(real, cutoff).mean().item(), cutoff)
 
-    def real_values(self, classifier: DigitClassifier) -> dict:
-        """The study's metrics on the real images of the class themselves (what a perfect model would score;
-        ``frechet`` is then between two halves of the real images, its floor at this sample size)."""
-        half = len(self.real) // 2
+    def real_values(self, classifier: DigitClassifier, samples: int, seed: int) -> dict:
+        """The study's metrics on the real images of the class themselves (what a perfect model would score).
+        ``frechet`` is then that of ``samples`` real images drawn by ``seed`` (as many as an evaluation generates,
+        at most half) against the others: its floor at this sample size."""
         values = evaluate_samples(self.real, classifier, self)
         _, features = classifier.predict(self.real)
-        values["frechet"] = frechet_distance(features[:half].double().numpy(), features[half:].double().numpy())
+        order = np.random.default_rng(seed).permutation(len(self.real))
+        count = min(samples, len(self.real) // 2)
+        features = features.double().numpy()
+        values["frechet"] = frechet_distance(features[order[:count]], features[order[count:]])
         return values
 
 

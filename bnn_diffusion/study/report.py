@@ -61,7 +61,7 @@ def plot_curves(result: dict, path: Path) -> None:
 def plot_training(result: dict, path: Path) -> None:
     """Training loss, relative weight change and (Bayesian methods) mean sigma and KL."""
     plt = _pyplot()
-    panels = [("train_loss", "training loss (mean since last evaluation)"), ("drift", "||W - W0|| / ||W0||"),
+    panels = [("train_loss", "denoising loss (mean since last evaluation)"), ("drift", "||W - W0|| / ||W0||"),
               ("sigma_mean", "mean sigma (Bayesian layers)"), ("kl", "KL(q||p), summed")]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.6), constrained_layout=True)
     for ax, (key, title) in zip(axes, panels):
@@ -135,10 +135,13 @@ def _answers(result: dict) -> list:
                      f"at step {p['peak_step']} (fidelity {base['fidelity_at_noise_peak']:.2f} there) and falls back "
                      f"to {p['end']:.2f} by the end ({seeds_text}).")
     elif p["shape"] == "rise":
+        final, real = base["final"], result["real"]["mean"]
         lines.append(f"- **No complete corruption stage.** The baseline's noise measure rises from {p['start']:.2f} "
-                     f"to {p['peak']:.2f} (step {p['peak_step']}, fidelity {base['fidelity_at_noise_peak']:.2f} "
-                     f"there) but does not recede within the run (end {p['end']:.2f}; {seeds_text}): noise appears "
-                     f"with fidelity and stays while the model overfits.")
+                     f"at step 0 to {p['peak']:.2f} (step {p['peak_step']}, fidelity "
+                     f"{base['fidelity_at_noise_peak']:.2f} there) but does not recede within the run (end "
+                     f"{p['end']:.2f}; {seeds_text}). At the end the samples lie "
+                     f"{final['memorisation']['mean']:.3f} from the nearest shot (real digits of the class: "
+                     f"{real['memorisation']:.3f}).")
     else:
         lines.append(f"- **No corruption stage.** The baseline's noise measure stays within {RISE:.1f}x of its "
                      f"start ({p['start']:.2f} -> peak {p['peak']:.2f} at step {p['peak_step']}, end "
@@ -162,7 +165,7 @@ def _answers(result: dict) -> list:
 
 
 def _table(result: dict) -> list:
-    header = ("| method | final fidelity | peak noise (hf ratio) | mean noise | peak TV ratio | best Fréchet | "
+    header = ("| method | final fidelity | peak noise (hf ratio; per-seed peaks) | mean noise | peak TV ratio | best Fréchet | "
               "final Fréchet | final diversity | final NN distance to shots |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method, s in result["summary"].items():
@@ -173,7 +176,8 @@ def _table(result: dict) -> list:
                      f"{_pm(f['memorisation'])} |")
     r = result["real"]["mean"]
     lines.append(f"| real digits of the class | {r['fidelity']:.3f} | {r['hf_ratio']:.2f} | | {r['tv_ratio']:.2f} | "
-                 f"{r['frechet']:.1f} (half vs half) | | {r['diversity']:.3f} | {r['memorisation']:.3f} |")
+                 f"{r['frechet']:.1f} ({result['config']['eval_samples']} vs the rest) | | {r['diversity']:.3f} | "
+                 f"{r['memorisation']:.3f} |")
     return lines
 
 
@@ -216,7 +220,8 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
         "",
         f"- Data: scikit-learn's 8x8 digits upsampled to {c['image_size']}x{c['image_size']}, in [-1, 1]. "
         f"Digit {c['holdout_class']} is held out of pretraining; each seed fine-tunes on {c['shots']} of its "
-        f"images (`shots.png`) and is compared with the other {result['real']['count']} images of the class.",
+        f"images (`shots.png`; drawn from those the classifier below was not trained on) and is compared with the "
+        f"other {result['real']['count']} images of the class.",
         f"- Model: diffusers `UNet2DConditionModel` ({pre['parameters']:,} parameters, blocks "
         f"{tuple(c['block_out_channels'])}, cross-attention transformer blocks below full resolution), class "
         f"condition = {c['tokens']} learned token vector(s) of width {c['cross_attention_dim']} through a LayerNorm "
@@ -227,7 +232,7 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
         f"- Fine-tuning (DreamBooth-like): a new token (initialised to the mean of the nine pretrained tokens) and "
         f"the `paper-dreambooth` layer set ({result['trained_layers']} linears: attn1 q/k/v/out and the "
         f"feed-forward of every transformer block), AdamW lr {c['finetune_lr']}, batch {c['finetune_batch']} "
-        f"(the shots repeated), {c['finetune_steps']} steps, seeds {c['seeds']}.",
+        f"(the shots in turn), {c['finetune_steps']} steps, seeds {c['seeds']}.",
         "- Methods: " + "; ".join(f"**{m}**: {METHODS[m].description}" for m in c["methods"]) + ".",
         f"- Bayesian layers: sigma stored directly, init {c['sigma_init']}, prior N(pretrained, "
         f"{c['prior_sigma']}²), sigma learning rate {c['sigma_lr']}; the targeted weights have RMS "
@@ -240,8 +245,9 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
         "## Table",
         "",
         "Mean ± std over seeds. Noise = high-frequency energy of the samples / that of real digits of the class "
-        "(1 = as smooth as real digits); peak over steps > 0 after 3-point smoothing. NN distance = RMS pixel "
-        "distance to the nearest training shot (lower = closer to copying).",
+        "(1 = as smooth as real digits); peak noise = each seed's peak over steps > 0 after 3-point smoothing, "
+        "averaged (the Answers give the peak of the seed-averaged curve; the step is that curve's). NN distance = "
+        "RMS pixel distance to the nearest training shot (lower = closer to copying).",
         "",
         *_table(result),
         "",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .analysis import aggregate, summarize_method, verdict
+from .classifier import unseen_by_classifier
 from .config import METHODS, PRESETS, StudyConfig, config_for
 from .data import few_shot_indices, load_digits_images
 from .finetune import RunResult, finetune_run
@@ -36,6 +37,9 @@ __all__ = ["run_study", "main", "build_parser"]
 
 # settings that do not change what a single (method, seed) run computes
 _NOT_RUN_FIELDS = {"preset", "methods", "seeds", "threads"}
+# part of a cached run's key: raised whenever a run computes something else for the same settings, so that runs
+# cached by an earlier version are not mixed in (2: shots unseen by the classifier, drawn in turn; loss without KL)
+RUN_VERSION = 2
 
 
 def _progress_factory(enabled: bool):
@@ -95,7 +99,7 @@ def _target_weight_rms(pretrained) -> tuple:
 
 def _run_paths(cache: Path, config: StudyConfig, method: str, seed: int) -> tuple:
     fields = tuple(f.name for f in dataclasses.fields(StudyConfig) if f.name not in _NOT_RUN_FIELDS)
-    stem = cache / "runs" / config.key(fields) / f"{method}-seed{seed}"
+    stem = cache / "runs" / f"{config.key(fields)}-v{RUN_VERSION}" / f"{method}-seed{seed}"
     return stem.with_suffix(".json"), stem.with_suffix(".npz")
 
 
@@ -141,6 +145,9 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
     pretrain_seconds = time.perf_counter() - begin
 
     real_all = digits.of_class(config.holdout_class)
+    # the shots are drawn from the class's images the classifier was not trained on
+    in_class = (digits.labels == config.holdout_class).numpy()
+    shot_pool = np.flatnonzero(unseen_by_classifier(len(digits.labels), config.pretrain_seed)[in_class])
     runs = {m: {"description": METHODS[m].description, "seeds": {}} for m in config.methods}
     grids, shots, real_values = {}, {}, {}
     cached_runs = 0
@@ -148,12 +155,12 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
     total = len(config.seeds) * len(config.methods) * config.finetune_steps
     with bar(total, "fine-tune") as progress_bar:
         for seed in config.seeds:
-            index = few_shot_indices(len(real_all), config.shots, seed)
+            index = shot_pool[few_shot_indices(len(shot_pool), config.shots, seed)]
             rest = np.ones(len(real_all), dtype=bool)
             rest[index] = False
             reference = Reference.build(classifier, config.holdout_class, real_all[torch.from_numpy(rest)],
                                         real_all[torch.from_numpy(index)])
-            real_values[str(seed)] = reference.real_values(classifier)
+            real_values[str(seed)] = reference.real_values(classifier, config.eval_samples, seed)
             shots[seed] = reference.shots[:, 0].numpy()
             for method in config.methods:
                 progress_bar.set_description(f"fine-tune {method} seed {seed}")
