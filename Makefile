@@ -1,4 +1,4 @@
-# Every target creates .venv, installs the pinned dependencies and builds the C++ extension from source first.
+# test, demo and bench create .venv, install the pinned dependencies and build the C++ extension from source first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

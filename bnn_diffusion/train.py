@@ -80,9 +80,16 @@ class NonFiniteLossError(FloatingPointError):
 # command line
 # ----------------------------------------------------------------------------------------------------------------
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those flags say in their help what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, formatter_class=_DefaultsHelpFormatter,
         description="DreamBooth-style few-shot fine-tuning of a local Stable Diffusion 1.x/2.x checkpoint, with "
                     "Bayesian layers (bnn_diffusion.patch), LoRA, DiffFit and condition-embedding perturbation.")
     model = parser.add_argument_group("model and data")
