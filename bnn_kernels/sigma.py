@@ -5,8 +5,6 @@ implement the same formulas.  Everything is evaluated in the dtype of its inputs
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -32,5 +30,7 @@ def sigma_from_rho(rho: torch.Tensor, sigma_param: str) -> torch.Tensor:
 def gaussian_kl_terms(mu: torch.Tensor, sigma: torch.Tensor, prior_mu, prior_sigma: float) -> torch.Tensor:
     """Elementwise KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)); prior_mu None means 0."""
     diff = mu if prior_mu is None else mu - prior_mu.to(mu.dtype)
-    return (math.log(prior_sigma) - torch.log(sigma)
-            + (sigma * sigma + diff * diff) / (2.0 * prior_sigma * prior_sigma) - 0.5)
+    # log(ps/sigma) + (sigma^2 + diff^2) / (2 ps^2) - 1/2 as (r - 1 - log r) / 2 + diff^2 / (2 ps^2), r = sigma^2/ps^2:
+    # no cancellation of two logarithms (0 at the prior; no negative float32 sums near it)
+    ratio = sigma * sigma / (prior_sigma * prior_sigma)
+    return 0.5 * (ratio - 1.0 - torch.log(ratio)) + diff * diff / (2.0 * prior_sigma * prior_sigma)

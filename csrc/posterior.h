@@ -33,14 +33,12 @@ constexpr double kMinSigma = 1e-7;  // the "direct" parameterisation clamps sigm
 
 // The prior N(prior_mu, prior_sigma^2) and how the KL and its gradient are scaled.
 struct PriorTerms {
-  double log_sigma;       // log(prior_sigma)
   double inv_two_var;     // 1 / (2 prior_sigma^2)
   double inv_var;         // 1 / prior_sigma^2
   double grad_scale = 0;  // the upstream gradient of the KL (backward only)
 
   explicit PriorTerms(double prior_sigma, double grad_kl = 0.0)
-      : log_sigma(std::log(prior_sigma)),
-        inv_two_var(0.5 / (prior_sigma * prior_sigma)),
+      : inv_two_var(0.5 / (prior_sigma * prior_sigma)),
         inv_var(1.0 / (prior_sigma * prior_sigma)),
         grad_scale(grad_kl) {}
 };
@@ -93,8 +91,11 @@ BNN_INLINE void sigma_and_derivative(T rho, bool softplus_param, T& sigma, T& de
 
 // KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)) of one element, diff = mu - prior_mu.
 template <typename T>
-BNN_INLINE T kl_term(T sigma, T diff, T log_prior_sigma, T inv_two_var) {
-  return log_prior_sigma - vec::log(sigma) + (sigma * sigma + diff * diff) * inv_two_var - T(0.5);
+BNN_INLINE T kl_term(T sigma, T diff, T inv_two_var) {
+  // (r - 1 - log r) / 2 + diff^2 / (2 ps^2), r = sigma^2 / ps^2: log(ps / sigma) + (sigma^2 + diff^2) / (2 ps^2) - 1/2
+  // without its cancellation of two logarithms (0 at the prior, no negative float sums near it)
+  const T ratio = sigma * sigma * (T(2) * inv_two_var);
+  return T(0.5) * (ratio - T(1) - vec::log(ratio)) + diff * diff * inv_two_var;
 }
 
 }  // namespace bnn

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 
 import torch
@@ -165,9 +164,9 @@ def squared(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def prior_constants(prior_sigma: float):
-    """(log ps, 1 / (2 ps^2), 1 / ps^2), computed in float64 on the host."""
+    """(1 / (2 ps^2), 1 / ps^2), computed in float64 on the host."""
     prior_sigma = float(prior_sigma)
-    return math.log(prior_sigma), 0.5 / (prior_sigma * prior_sigma), 1.0 / (prior_sigma * prior_sigma)
+    return 0.5 / (prior_sigma * prior_sigma), 1.0 / (prior_sigma * prior_sigma)
 
 
 # ----------------------------------------------------------------------------------------------------------------

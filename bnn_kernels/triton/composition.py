@@ -128,7 +128,7 @@ def lrt_bwd(maps: Maps, g, grad_kl, x, mu, rho, prior, seed, std, prior_sigma, s
     grad_mean, grad_var = grad_mean.contiguous(), grad_var.contiguous()
     dmu = grad_mean if grad_mean.dtype == mu.dtype else torch.empty_like(mu)
     drho = torch.empty_like(rho)
-    _, _, inv_ps2 = prior_constants(prior_sigma)
+    _, inv_ps2 = prior_constants(prior_sigma)
     _lrt_grad_kernel[_grid(mu.numel())](grad_mean, grad_var, mu, rho, mu if prior is None else prior, grad_kl, dmu,
                                         drho, mu.numel(), inv_ps2, HAS_PRIOR=prior is not None,
                                         SOFTPLUS=sigma_param == "softplus", BLOCK=_BLOCK, num_warps=_NUM_WARPS,

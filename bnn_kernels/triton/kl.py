@@ -51,13 +51,16 @@ def sigma_and_slope(rho, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def kl_terms(mu, sigma, prior, log_ps, half_inv_ps2, HAS_PRIOR: tl.constexpr):
-    """Elementwise KL(N(mu, sigma^2) || N(prior, ps^2)) = log(ps/sigma) + (sigma^2 + (mu - prior)^2)/(2 ps^2) - 1/2."""
+def kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR: tl.constexpr):
+    """Elementwise KL(N(mu, sigma^2) || N(prior, ps^2)) = (r - 1 - log r) / 2 + (mu - prior)^2 / (2 ps^2) with
+    r = sigma^2 / ps^2: the same as log(ps/sigma) + (sigma^2 + (mu - prior)^2)/(2 ps^2) - 1/2, without its
+    cancellation of two logarithms (exactly 0 for the posterior at the prior; no negative float32 sums near it)."""
     if HAS_PRIOR:
         diff = mu - prior
     else:
         diff = mu
-    return log_ps - tl.log(sigma) + (sigma * sigma + diff * diff) * half_inv_ps2 - 0.5
+    ratio = sigma * sigma * (2.0 * half_inv_ps2)
+    return 0.5 * (ratio - 1.0 - tl.log(ratio)) + diff * diff * half_inv_ps2
 
 
 @triton.jit
@@ -107,13 +110,13 @@ def store_reparam_grads(dmu_ptr, drho_ptr, offs, mask, grad_w, grad_sigma, mu, s
 
 
 @triton.jit
-def _kl_fwd_kernel(mu_ptr, rho_ptr, prior_ptr, partial_ptr, numel, log_ps, half_inv_ps2,
+def _kl_fwd_kernel(mu_ptr, rho_ptr, prior_ptr, partial_ptr, numel, half_inv_ps2,
                    HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     mu, sigma = load_mu_sigma(mu_ptr, rho_ptr, offs, mask, SOFTPLUS)
-    terms = kl_terms(mu, sigma, load_prior(prior_ptr, offs, mask, mu, HAS_PRIOR), log_ps, half_inv_ps2, HAS_PRIOR)
+    terms = kl_terms(mu, sigma, load_prior(prior_ptr, offs, mask, mu, HAS_PRIOR), half_inv_ps2, HAS_PRIOR)
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, terms, 0.0), axis=0))
 
 
@@ -140,10 +143,10 @@ def gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param):
     numel = mu.numel()
     if numel == 0:
         return torch.zeros((), dtype=torch.float32, device=mu.device)
-    log_ps, half_inv_ps2, _ = prior_constants(prior_sigma)
+    half_inv_ps2, _ = prior_constants(prior_sigma)
     grid = triton.cdiv(numel, _FWD_BLOCK)
     partial = torch.empty(grid, dtype=torch.float32, device=mu.device)
-    _kl_fwd_kernel[(grid,)](mu, rho, mu if prior is None else prior, partial, numel, log_ps, half_inv_ps2,
+    _kl_fwd_kernel[(grid,)](mu, rho, mu if prior is None else prior, partial, numel, half_inv_ps2,
                             HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_FWD_BLOCK,
                             num_warps=8, **FP_FUSION)
     return partial.sum()
@@ -158,7 +161,7 @@ def gaussian_kl_bwd(grad_kl, mu, rho, prior_mu, prior_sigma, sigma_param):
     drho = torch.empty_like(rho)
     numel = mu.numel()
     if numel > 0:
-        _, _, inv_ps2 = prior_constants(prior_sigma)
+        _, inv_ps2 = prior_constants(prior_sigma)
         grad_kl = grad_kl.to(device=mu.device, dtype=torch.float32).contiguous()
         _kl_bwd_kernel[(triton.cdiv(numel, _BWD_BLOCK),)](
             grad_kl, mu, rho, mu if prior is None else prior, dmu, drho, numel, inv_ps2,

@@ -144,7 +144,7 @@ def _weight_tile(offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, N, K, HAS_PRIOR: tl
 @tuned(_REPARAM_FWD_CONFIGS)
 @triton.jit
 def _reparam_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y_ptr, kl_ptr,
-                        M, N, K, log_ps, half_inv_ps2,
+                        M, N, K, half_inv_ps2,
                         HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr,
                         DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -169,7 +169,7 @@ def _reparam_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y
         acc = mma(x, tl.trans(to_dtype(w, x.dtype)), acc, DOT_PREC)
         if pid_m == 0:
             prior = load_prior(prior_ptr, w_off, w_mask, mu, HAS_PRIOR)
-            terms = kl_terms(mu, sigma, prior, log_ps, half_inv_ps2, HAS_PRIOR)
+            terms = kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR)
             kl_rows += tl.sum(tl.where(w_mask, terms, 0.0), axis=1)
     if pid_m == 0:
         tl.store(kl_ptr + offs_n, kl_rows, mask=mask_n)
@@ -183,7 +183,7 @@ def _reparam_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y
 @tuned(_LRT_FWD_CONFIGS)
 @triton.jit
 def _lrt_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y_ptr, std_ptr, kl_ptr,
-                    M, N, K, log_ps, half_inv_ps2,
+                    M, N, K, half_inv_ps2,
                     HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr,
                     VAR_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -211,7 +211,7 @@ def _lrt_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y_ptr
                   DOT_PREC)
         if pid_m == 0:
             prior = load_prior(prior_ptr, w_off, w_mask, mu, HAS_PRIOR)
-            terms = kl_terms(mu, sigma, prior, log_ps, half_inv_ps2, HAS_PRIOR)
+            terms = kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR)
             kl_rows += tl.sum(tl.where(w_mask, terms, 0.0), axis=1)
     if pid_m == 0:
         tl.store(kl_ptr + offs_n, kl_rows, mask=mask_n)
@@ -457,19 +457,19 @@ def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estim
         return lrt_fwd(LINEAR_MAPS, x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     kl_rows = torch.empty(N, dtype=torch.float32, device=x.device)
-    log_ps, half_inv_ps2, _ = prior_constants(prior_sigma)
+    half_inv_ps2, _ = prior_constants(prior_sigma)
     common = dict(HAS_BIAS=bias is not None, HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus",
                   DOT_PREC=dot_precision(), **interpreter_meta(), **FP_FUSION)
     bias_arg = mu if bias is None else bias
     prior_arg = mu if prior is None else prior
     grid = _grid(M, N, "BLOCK_M", "BLOCK_N")
     if estimator == "reparam":
-        _reparam_fwd_kernel[grid](x, mu, rho, bias_arg, prior_arg, seed, y, kl_rows, M, N, K, log_ps, half_inv_ps2,
+        _reparam_fwd_kernel[grid](x, mu, rho, bias_arg, prior_arg, seed, y, kl_rows, M, N, K, half_inv_ps2,
                                   **common)
         std = x.new_empty(0)
     else:
         std = torch.empty((M, N), dtype=compute_dtype(x.dtype), device=x.device)
-        _lrt_fwd_kernel[grid](x, mu, rho, bias_arg, prior_arg, seed, y, std, kl_rows, M, N, K, log_ps, half_inv_ps2,
+        _lrt_fwd_kernel[grid](x, mu, rho, bias_arg, prior_arg, seed, y, std, kl_rows, M, N, K, half_inv_ps2,
                               VAR_FP32=var_in_float32(x.dtype), **common)
     return y, kl_rows.sum(), std
 
@@ -488,7 +488,7 @@ def linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, si
         return transient_linear_bwd(g, grad_kl, x, mu, rho, prior, seed, prior_sigma, sigma_param, need_dx)
     if estimator == "lrt" and lrt_variant(x.device) == "composition":
         return lrt_bwd(LINEAR_MAPS, g, grad_kl, x, mu, rho, prior, seed, std, prior_sigma, sigma_param, need_dx)
-    _, _, inv_ps2 = prior_constants(prior_sigma)
+    _, inv_ps2 = prior_constants(prior_sigma)
     softplus = sigma_param == "softplus"
     precision = dot_precision()
     meta = {**interpreter_meta(), **FP_FUSION}

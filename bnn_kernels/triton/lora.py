@@ -359,7 +359,7 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, pr
 def _lrt_factor_grads(grad_mean, grad_var, grad_kl, mean, rho, prior_sigma, sigma_param):
     dmean, drho = torch.empty_like(mean), torch.empty_like(rho)
     rows, cols = mean.shape
-    _, _, inv_ps2 = prior_constants(prior_sigma)
+    _, inv_ps2 = prior_constants(prior_sigma)
     block = 32
     _lrt_factor_grad_kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](
         grad_mean.contiguous(), grad_var.contiguous(), mean, rho, grad_kl, dmean, drho, rows, cols, inv_ps2,

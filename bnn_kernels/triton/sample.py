@@ -38,7 +38,7 @@ _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
 @triton.jit
-def _sample_kernel(mu_ptr, rho_ptr, prior_ptr, seed_ptr, w_ptr, kl_ptr, numel, log_ps, half_inv_ps2,
+def _sample_kernel(mu_ptr, rho_ptr, prior_ptr, seed_ptr, w_ptr, kl_ptr, numel, half_inv_ps2,
                    WITH_KL: tl.constexpr, HAS_PRIOR: tl.constexpr, SOFTPLUS: tl.constexpr, VARIANCE: tl.constexpr,
                    BLOCK: tl.constexpr):
     """w = mu + s(rho) * eps (or s(rho)^2 with VARIANCE: the lrt variance weights) in w's dtype; with WITH_KL,
@@ -54,7 +54,7 @@ def _sample_kernel(mu_ptr, rho_ptr, prior_ptr, seed_ptr, w_ptr, kl_ptr, numel, l
     tl.store(w_ptr + offs, to_dtype(w, w_ptr.dtype.element_ty), mask=mask)
     if WITH_KL:
         prior = load_prior(prior_ptr, offs, mask, mu, HAS_PRIOR)
-        terms = kl_terms(mu, sigma, prior, log_ps, half_inv_ps2, HAS_PRIOR)
+        terms = kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR)
         tl.store(kl_ptr + pid, tl.sum(tl.where(mask, terms, 0.0), axis=0))
 
 
@@ -94,8 +94,8 @@ def _posterior_pass(mu, rho, seed, dtype, sigma_param, prior, prior_sigma, with_
     grid = triton.cdiv(numel, _BLOCK)
     w = torch.empty(mu.shape, dtype=dtype, device=mu.device)
     partial = torch.empty(grid if with_kl else 0, dtype=torch.float32, device=mu.device)
-    log_ps, half_inv_ps2, _ = prior_constants(prior_sigma)
-    _sample_kernel[(grid,)](mu, rho, mu if prior is None else prior, seed, w, partial, numel, log_ps, half_inv_ps2,
+    half_inv_ps2, _ = prior_constants(prior_sigma)
+    _sample_kernel[(grid,)](mu, rho, mu if prior is None else prior, seed, w, partial, numel, half_inv_ps2,
                             WITH_KL=with_kl, HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus",
                             VARIANCE=variance, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **FP_FUSION)
     return w, (partial.sum() if with_kl else None)
@@ -108,7 +108,7 @@ def reparam_weight_grads(grad_w, grad_kl, mu, rho, prior, seed, prior_sigma, sig
     dmu = grad_w if grad_w.dtype == mu.dtype else torch.empty_like(mu)
     drho = torch.empty_like(rho)
     numel = mu.numel()
-    _, _, inv_ps2 = prior_constants(prior_sigma)
+    _, inv_ps2 = prior_constants(prior_sigma)
     _reparam_grad_kernel[(triton.cdiv(numel, _BLOCK),)](
         grad_w, mu, rho, mu if prior is None else prior, seed, grad_kl, dmu, drho, numel, inv_ps2,
         HAS_PRIOR=prior is not None, SOFTPLUS=sigma_param == "softplus", BLOCK=_BLOCK, num_warps=_NUM_WARPS,
