@@ -46,6 +46,17 @@ def lrt_loss_gradients(op, x, mu, rho):
     return [leaf.grad for leaf in leaves]
 
 
+def assert_lrt_rho_gradient_close(op, x, mu, rho, backend: str, dtype: torch.dtype, tolerance: float = 1e-2):
+    """drho of ``lrt_loss_gradients`` on ``backend`` (x in ``dtype``, float32 parameters) within ``tolerance``
+    (relative) of the float64 reference's; x, mu, rho are given in float64."""
+    with bk.use_backend("reference"):
+        oracle = lrt_loss_gradients(op, x, mu, rho)
+    device = device_for(backend)
+    with bk.use_backend(backend):
+        grads = lrt_loss_gradients(op, x.to(device, dtype), mu.float().to(device), rho.float().to(device))
+    assert relative_error(grads[2], oracle[2]) < tolerance
+
+
 def assert_close_to_oracle(name: str, value, oracle, same_dtype_torch, dtype) -> None:
     """The rule of flash-attention: error vs the float64 oracle at most 2x that of plain PyTorch in the same dtype
     (``same_dtype_torch``), plus a small absolute tolerance scaled by the oracle's magnitude."""
