@@ -98,8 +98,9 @@ class BayesianModule(nn.Module):
       ``False`` force either (``True`` for Monte-Carlo evaluation).  ``sampling`` is the resolved value.
     * ``forward``: when sampling, the fused ``bnn_kernels`` op with a fresh seed from torch's default generator of
       the input's device (``draw_seed``; one sample per call, shared by the batch; the noise is regenerated from
-      the seed in backward, never stored); under ``torch.autocast`` the input is cast to the autocast dtype first.  When not sampling, the plain
-      deterministic computation with the posterior mean: the cost of the original layer.
+      the seed in backward, never stored); under ``torch.autocast`` the input is cast to the autocast dtype
+      first.  When not sampling, the plain deterministic computation with the posterior mean: the cost of the
+      original layer.
     * ``last_kl``: the KL(q || p) that the op returned in the last sampling forward (a float32 0-dim tensor,
       attached to the autograd graph of that forward), or ``None`` when no sampling forward has run since the
       last mean forward (a mean forward does not compute a KL).

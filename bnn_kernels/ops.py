@@ -148,8 +148,8 @@ def _posterior_backward(ctx, backward_op, grad_y, grad_kl, bias_dims) -> tuple:
     grad_y summed over ``bias_dims`` (in float32)."""
     x, mu, rho, prior_mu, seed, std = ctx.saved_tensors
     grad_y = grad_y.to(x.dtype).contiguous()
-    dx, dmu, drho = backward_op(grad_y, grad_kl.to(compute_dtype(mu.dtype)).contiguous(), x, mu, rho, prior_mu, seed, std,
-                                *ctx.config, ctx.needs_input_grad[0])
+    dx, dmu, drho = backward_op(grad_y, grad_kl.to(compute_dtype(mu.dtype)).contiguous(), x, mu, rho, prior_mu, seed,
+                                std, *ctx.config, ctx.needs_input_grad[0])
     dbias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         dbias = grad_y.sum(bias_dims, dtype=torch.float32).to(ctx.bias_dtype)
@@ -233,8 +233,8 @@ def _gaussian_kl_setup(ctx, inputs, output):
 def _gaussian_kl_backward(ctx, grad_kl):
     mu, rho, prior_mu = ctx.saved_tensors
     prior_sigma, sigma_param, backend = ctx.config
-    dmu, drho = _gaussian_kl_backward_op(grad_kl.to(compute_dtype(mu.dtype)).contiguous(), mu, rho, prior_mu, prior_sigma,
-                                         sigma_param, backend)
+    dmu, drho = _gaussian_kl_backward_op(grad_kl.to(compute_dtype(mu.dtype)).contiguous(), mu, rho, prior_mu,
+                                         prior_sigma, sigma_param, backend)
     return dmu, drho, None, None, None, None
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .rng import philox_normal_reference
-from .sigma import MIN_SIGMA, gaussian_kl_terms, compute_dtype, sigma_from_rho
+from .sigma import MIN_SIGMA, compute_dtype, gaussian_kl_terms, sigma_from_rho
 
 NAME = "reference"
 

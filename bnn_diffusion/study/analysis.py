@@ -3,9 +3,10 @@
 1. Does the corruption stage appear?  The noise-pattern measure (``hf_ratio``: high-frequency energy of the samples
    relative to real digits) is averaged over seeds and smoothed with a centred 3-point moving average (evaluation
    noise).  Its profile is a **rise** when its smoothed maximum after step 0 is at least ``RISE`` times its value at
-   step 0 (not smoothed: every method and seed starts from the same pretrained model), and a **rise-and-fall** (the paper's corruption stage: noise appears, then recedes as the model overfits) when,
-   besides, the maximum is not at the last evaluation and at least half of the excess over the start is gone by
-   the end.  Anything else is **flat**.
+   step 0 (not smoothed: every method and seed starts from the same pretrained model), and a **rise-and-fall**
+   (the paper's corruption stage: noise appears, then recedes as the model overfits) when, besides, the maximum is
+   not at the last evaluation and at least half of the excess over the start is gone by the end.  Anything else is
+   **flat**.
 2. Does a method mitigate it?  Paired with the baseline seed by seed: its peak noise (maximum over steps > 0 of the
    smoothed per-seed curve) must be lower in every seed and lower on average by at least ``MITIGATION`` (relative),
    while its final fidelity stays within ``FIDELITY_TOLERANCE`` of the baseline's (lower noise bought by not

@@ -165,7 +165,8 @@ def _answers(result: dict) -> list:
 
 
 def _table(result: dict) -> list:
-    header = ("| method | final fidelity | peak noise (hf ratio; per-seed peaks) | mean noise | peak TV ratio | best Fréchet | "
+    header = ("| method | final fidelity | peak noise (hf ratio; per-seed peaks) | mean noise | peak TV ratio | "
+              "best Fréchet | "
               "final Fréchet | final diversity | final NN distance to shots |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method, s in result["summary"].items():
