@@ -269,8 +269,8 @@ def _bayes_linear_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias:
 @_bayes_linear_op.register_fake
 def _(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator, backend):
     y = x.new_empty((x.shape[0], mu.shape[0]))
-    std = x.new_empty((x.shape[0], mu.shape[0]) if estimator == "lrt" and backend != "reference" else (0,),
-                      dtype=compute_dtype(x.dtype))
+    keeps_std = estimator == "lrt" and backend != "reference"  # else the backends return x.new_empty(0)
+    std = (x.new_empty((x.shape[0], mu.shape[0]), dtype=compute_dtype(x.dtype)) if keeps_std else x.new_empty(0))
     return y, mu.new_empty((), dtype=compute_dtype(mu.dtype)), std
 
 
@@ -407,7 +407,8 @@ def _bayes_conv2d_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias:
 def _(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior_sigma, sigma_param, estimator,
       backend):
     shape = _conv_output_shape(x.shape, mu.shape, stride, padding, dilation)
-    std = x.new_empty(shape if estimator == "lrt" and backend != "reference" else (0,), dtype=compute_dtype(x.dtype))
+    keeps_std = estimator == "lrt" and backend != "reference"  # else the backends return x.new_empty(0)
+    std = x.new_empty(shape, dtype=compute_dtype(x.dtype)) if keeps_std else x.new_empty(0)
     return x.new_empty(shape), mu.new_empty((), dtype=compute_dtype(mu.dtype)), std
 
 
