@@ -173,11 +173,10 @@ class BayesianModule(nn.Module):
         if not self.sampling:
             self.last_kl = None
             return self._mean_forward(x)
+        # the fused op runs in the dtypes it is given (autocast is off inside it): x in the autocast dtype, as
+        # nn.Linear / nn.Conv2d would take it, the parameters in theirs
         x = _autocast_input(x)
-        # the fused op runs in the dtypes it is given (x in the autocast dtype, parameters in theirs): autocast is
-        # off inside it, so a backend's internal torch ops are not recast (eager and compiled runs agree)
-        with torch.autocast(x.device.type, enabled=False):
-            y, kl = self._sample_forward(x, draw_seed(x.device if x.is_cuda else None))
+        y, kl = self._sample_forward(x, draw_seed(x.device if x.is_cuda else None))
         self.last_kl = kl
         self._kl_versions = self._posterior_versions()
         return y

@@ -3,13 +3,16 @@
 Every public function validates its arguments (raising ValueError/TypeError that name the argument) before any
 kernel launches, flattens leading dims, picks a backend (``bnn_kernels.registry.select``) and calls a custom op
 ``torch.ops.bnn.*``.  The custom ops carry fake implementations, so ``torch.compile(fullgraph=True)`` traces
-through them, and take the seed as a 0-dim int64 tensor, so a new seed each step does not recompile.
+through them, and take the seed as a 0-dim int64 tensor, so a new seed each step does not recompile.  The ops
+are not autocast ops: they compute in the dtypes they are given, inside ``torch.autocast`` as outside (cast x to
+the autocast dtype first to run as nn.Linear would; the Bayesian layers of bnn_diffusion do).
 
 Memory contract: the autograd graph keeps only the op's inputs (already alive), the seed and, for the lrt
 estimator, the output standard deviation (output-sized).  Backward regenerates the noise from the seed.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Union
@@ -118,6 +121,18 @@ def _check_int(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
+def _autocast_off(implementation):
+    """A custom op's implementation, run with autocast off on its tensors' device: every backend computes in the
+    dtypes ops hands it, whether or not the caller is inside ``torch.autocast`` and in eager and compiled code
+    alike (a compiled graph calls the op outside the caller's autocast block)."""
+    @functools.wraps(implementation)
+    def run_without_autocast(*args):
+        device_type = next(arg.device.type for arg in args if isinstance(arg, torch.Tensor))
+        with torch.autocast(device_type, enabled=False):
+            return implementation(*args)
+    return run_without_autocast
+
+
 # --------------------------------------------------------------------------------------------------------------
 # custom-op pieces shared by the layer ops
 # --------------------------------------------------------------------------------------------------------------
@@ -161,6 +176,7 @@ def _posterior_backward(ctx, backward_op, grad_y, grad_kl, bias_dims) -> tuple:
 # --------------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("bnn::philox_normal", mutates_args=())
+@_autocast_off
 def _philox_normal_op(seed: torch.Tensor, numel: int, offset: int, backend: str) -> torch.Tensor:
     return registry.get(backend).philox_normal(seed, numel, offset, seed.device)
 
@@ -201,6 +217,7 @@ def philox_normal(seed: SeedLike, shape: Sequence[int], *, offset: int = 0, devi
 # --------------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("bnn::gaussian_kl", mutates_args=())
+@_autocast_off
 def _gaussian_kl_op(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torch.Tensor], prior_sigma: float,
                     sigma_param: str, backend: str) -> torch.Tensor:
     return registry.get(backend).gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param)
@@ -212,6 +229,7 @@ def _(mu, rho, prior_mu, prior_sigma, sigma_param, backend):
 
 
 @torch.library.custom_op("bnn::gaussian_kl_backward", mutates_args=())
+@_autocast_off
 def _gaussian_kl_backward_op(grad_kl: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor,
                              prior_mu: Optional[torch.Tensor], prior_sigma: float, sigma_param: str,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +276,7 @@ def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torch.Te
 # --------------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("bnn::bayes_linear", mutates_args=())
+@_autocast_off
 def _bayes_linear_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Optional[torch.Tensor],
                      prior_mu: Optional[torch.Tensor], seed: torch.Tensor, prior_sigma: float, sigma_param: str,
                      estimator: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,6 +294,7 @@ def _(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator, bac
 
 
 @torch.library.custom_op("bnn::bayes_linear_backward", mutates_args=())
+@_autocast_off
 def _bayes_linear_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
                               rho: torch.Tensor, prior_mu: Optional[torch.Tensor], seed: torch.Tensor,
                               std: torch.Tensor, prior_sigma: float, sigma_param: str, estimator: str,
@@ -394,6 +414,7 @@ def _conv_geometry(x: torch.Tensor, weight_shape, stride, padding, dilation):
 
 
 @torch.library.custom_op("bnn::bayes_conv2d", mutates_args=())
+@_autocast_off
 def _bayes_conv2d_op(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Optional[torch.Tensor],
                      prior_mu: Optional[torch.Tensor], seed: torch.Tensor, stride: list[int], padding: list[int],
                      dilation: list[int], groups: int, prior_sigma: float, sigma_param: str, estimator: str,
@@ -413,6 +434,7 @@ def _(x, mu, rho, bias, prior_mu, seed, stride, padding, dilation, groups, prior
 
 
 @torch.library.custom_op("bnn::bayes_conv2d_backward", mutates_args=())
+@_autocast_off
 def _bayes_conv2d_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
                               rho: torch.Tensor, prior_mu: Optional[torch.Tensor], seed: torch.Tensor,
                               std: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
@@ -606,6 +628,7 @@ def _lora_saved_and_grads(ctx, grad_y, grad_kl):
 # --- bayes_lora_linear ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("bnn::bayes_lora_linear", mutates_args=())
+@_autocast_off
 def _bayes_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                           lora_b: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, scale: float, bayes: str,
                           prior_sigma: float, sigma_param: str, estimator: str,
@@ -622,6 +645,7 @@ def _(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, prior_sigma, sig
 
 
 @torch.library.custom_op("bnn::bayes_lora_linear_backward", mutates_args=())
+@_autocast_off
 def _bayes_lora_linear_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: torch.Tensor,
                                    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                                    rho: torch.Tensor, seed: torch.Tensor, h: torch.Tensor, aux: torch.Tensor,
@@ -698,6 +722,7 @@ def bayes_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 # --- bayes_lora_conv2d ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("bnn::bayes_lora_conv2d", mutates_args=())
+@_autocast_off
 def _bayes_lora_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                           lora_b: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, stride: list[int],
                           padding: list[int], dilation: list[int], scale: float, bayes: str, prior_sigma: float,
@@ -718,6 +743,7 @@ def _(x, weight, bias, lora_a, lora_b, rho, seed, stride, padding, dilation, sca
 
 
 @torch.library.custom_op("bnn::bayes_lora_conv2d_backward", mutates_args=())
+@_autocast_off
 def _bayes_lora_conv2d_backward_op(grad_y: torch.Tensor, grad_kl: torch.Tensor, x: torch.Tensor,
                                    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                                    rho: torch.Tensor, seed: torch.Tensor, h: torch.Tensor, aux: torch.Tensor,
