@@ -16,6 +16,6 @@ def check_positive_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
     value = float(value)
-    if not (value > 0 and math.isfinite(value)):
+    if not 0 < value < math.inf:  # comparisons, not math.isfinite: they also take torch.compile's symbolic floats
         raise ValueError(f"{name} must be a positive finite float, got {value}")
     return value

@@ -532,7 +532,7 @@ def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
     scale = float(scale)
-    if not math.isfinite(scale):
+    if not -math.inf < scale < math.inf:  # comparisons, not math.isfinite: they also take symbolic floats
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
 

@@ -36,3 +36,28 @@ def test_inductor_compiles_forward_and_backward():
     torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
     (y.sum() + kl).backward()
     assert model.rho1.grad is not None and torch.isfinite(model.rho1.grad).all()
+
+
+def _bayes_linear_and_lora(x, mu, rho, seed, prior_sigma, scale):
+    y, kl = bk.bayes_linear(x, mu, rho, seed=seed, prior_sigma=prior_sigma, estimator="lrt")
+    base, lora_a, lora_b = torch.ones(3, 16), torch.full((2, 16), 0.2), torch.full((3, 2), 0.1)
+    z, kl_lora = bk.bayes_lora_linear(y, base, None, lora_a, lora_b, torch.full_like(lora_a, -4.0), scale=scale,
+                                      bayes="A", seed=seed, prior_sigma=prior_sigma)
+    return z, kl + kl_lora
+
+
+def test_dynamic_shapes_compile_with_symbolic_floats():
+    """torch.compile(dynamic=True) passes prior_sigma and the LoRA scale as symbolic floats: the checks take them."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_bayes_linear_and_lora, backend="aot_eager", fullgraph=True, dynamic=True)
+    mu = (torch.randn(16, 8) * 0.3).requires_grad_()
+    rho = torch.full((16, 8), -4.0, requires_grad=True)
+    with bk.use_backend("reference"):
+        for batch, prior_sigma, scale in ((5, 0.5, 1.0), (9, 0.7, 2.0), (3, 1.3, 0.5)):
+            x, seed = torch.randn(batch, 8), torch.tensor(batch)
+            z, kl = compiled(x, mu, rho, seed, prior_sigma, scale)
+            z_eager, kl_eager = _bayes_linear_and_lora(x, mu, rho, seed, prior_sigma, scale)
+            torch.testing.assert_close(z, z_eager)
+            torch.testing.assert_close(kl, kl_eager)
+            (z.sum() + kl).backward()
+    assert torch.isfinite(rho.grad).all()
