@@ -111,7 +111,7 @@ _MODULES = {
     "cpu": "bnn_kernels.cpu_backend",
     "reference": "bnn_kernels.reference",
 }
-_forced_name = None  # a plain global: torch.compile guards on it cheaply
+_forced_name = None  # a plain global: torch.compile guards on it cheaply (see select)
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,13 +174,17 @@ def runs_on(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
-@torch.compiler.assume_constant_result
 def select(device: torch.device) -> str:
     """The backend an op on ``device`` runs on: the forced one, else the fastest usable for that device.
 
-    torch.compile evaluates this once while tracing and bakes the answer into the graph.
+    torch.compile reads the forced name here, in traced code, so the graph guards on it (a later ``use_backend``
+    recompiles), and evaluates the choice once while tracing and bakes it into the graph.
     """
-    forced = forced_backend()
+    return _select(device, _forced_name)
+
+
+@torch.compiler.assume_constant_result
+def _select(device: torch.device, forced) -> str:
     if forced is not None:
         if not runs_on(forced, device):
             hint = " (set TRITON_INTERPRET=1 before importing triton)" if forced == "triton" else ""

@@ -61,3 +61,21 @@ def test_dynamic_shapes_compile_with_symbolic_floats():
             torch.testing.assert_close(kl, kl_eager)
             (z.sum() + kl).backward()
     assert torch.isfinite(rho.grad).all()
+
+
+def test_a_compiled_function_follows_a_later_use_backend(monkeypatch):
+    """The backend choice is baked into a compiled graph, guarded on the forced backend: use_backend recompiles."""
+    ran = []
+    for name in ("cpu", "reference"):
+        module = bk.registry.get(name)
+        monkeypatch.setattr(module, "linear_fwd",
+                            lambda *args, _run=module.linear_fwd, _name=name: ran.append(_name) or _run(*args))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, mu, rho: bk.bayes_linear(x, mu, rho, seed=1), backend="aot_eager",
+                             fullgraph=True)
+    x, mu, rho = torch.randn(5, 7), torch.randn(3, 7), torch.full((3, 7), -3.0)
+    compiled(x, mu, rho)
+    with bk.use_backend("reference"):
+        compiled(x, mu, rho)
+    compiled(x, mu, rho)
+    assert ran == ["cpu", "reference", "cpu"]
