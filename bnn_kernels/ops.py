@@ -112,8 +112,9 @@ def _check_bias(bias, out_features: int) -> None:
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
 
 
-def _grad_or_none(tensor: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if tensor.numel() == 0 else tensor
+def _input_grad(ctx, dx: torch.Tensor) -> Optional[torch.Tensor]:
+    """x's gradient from a backward op: None unless autograd asked for it (then dx has x's shape, even empty)."""
+    return dx if ctx.needs_input_grad[0] else None
 
 
 def _check_int(name: str, value) -> None:
@@ -168,7 +169,7 @@ def _posterior_backward(ctx, backward_op, grad_y, grad_kl, bias_dims) -> tuple:
     dbias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         dbias = grad_y.sum(bias_dims, dtype=torch.float32).to(ctx.bias_dtype)
-    return (_grad_or_none(dx), dmu, drho, dbias) + (None,) * (len(ctx.needs_input_grad) - 4)
+    return (_input_grad(ctx, dx), dmu, drho, dbias) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -608,7 +609,7 @@ def _lora_backward(ctx, backward_op, grad_y, grad_kl) -> tuple:
     options get None."""
     dx, da, db, drho = backward_op(*_lora_saved_and_grads(ctx, grad_y, grad_kl), *ctx.config,
                                    ctx.needs_input_grad[0])
-    return (_grad_or_none(dx), None, None, da, db, drho) + (None,) * (len(ctx.needs_input_grad) - 6)
+    return (_input_grad(ctx, dx), None, None, da, db, drho) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
 def _lora_setup(ctx, x, weight, lora_a, lora_b, rho, seed, output, config):

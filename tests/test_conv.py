@@ -306,14 +306,15 @@ def test_padding_strings(padding, explicit, dilation):
         assert y.shape == x.shape[:1] + (6,) + x.shape[2:]
 
 
-def test_empty_batch_gives_empty_output_and_the_kl():
+def test_empty_batch_gives_empty_output_the_kl_and_an_empty_input_gradient():
     x = torch.randn(0, 4, 5, 5, requires_grad=True)
     mu = torch.randn(3, 4, 3, 3, requires_grad=True)
     rho = torch.full((3, 4, 3, 3), -3.0, requires_grad=True)
     y, kl = bk.bayes_conv2d(x, mu, rho, seed=1, padding=1)
     assert y.shape == (0, 3, 5, 5)
     torch.testing.assert_close(kl, bk.gaussian_kl(mu, rho))
-    kl.backward()
+    (y.sum() + kl).backward()
+    assert x.grad is not None and x.grad.shape == x.shape
     assert mu.grad is not None and rho.grad is not None
 
 

@@ -146,14 +146,15 @@ def test_lrt_gradient_of_a_small_posterior_sigma_in_16_bit(backend, dtype):
     assert_lrt_rho_gradient_close(layer, x, mu, rho, backend, dtype)
 
 
-def test_empty_batch_gives_empty_output_and_the_kl():
+def test_empty_batch_gives_empty_output_the_kl_and_an_empty_input_gradient():
     x = torch.randn(0, 4, requires_grad=True)
     mu = torch.randn(3, 4, requires_grad=True)
     rho = torch.full((3, 4), -3.0, requires_grad=True)
     y, kl = bk.bayes_linear(x, mu, rho, seed=1)
     assert y.shape == (0, 3)
     torch.testing.assert_close(kl, bk.gaussian_kl(mu, rho))
-    kl.backward()
+    (y.sum() + kl).backward()
+    assert x.grad is not None and x.grad.shape == x.shape
     assert mu.grad is not None and rho.grad is not None
 
 

@@ -409,14 +409,16 @@ def test_a_base_that_requires_grad_is_refused_in_grad_mode(frozen):
     assert y.shape == (3, 5)
 
 
-def test_empty_batch_gives_empty_output_and_the_kl():
+def test_empty_batch_gives_empty_output_the_kl_and_an_empty_input_gradient():
     x, weight, bias, lora_a, lora_b, rho = linear_inputs((0,), 5, 4, 2, "B", "softplus")
+    x.requires_grad_()
     lora_b.requires_grad_()
     rho.requires_grad_()
     y, kl = bk.bayes_lora_linear(x, weight, bias, lora_a, lora_b, rho, scale=1.0, seed=1)
     assert y.shape == (0, 5)
     torch.testing.assert_close(kl, bk.gaussian_kl(lora_b, rho))
-    kl.backward()
+    (y.sum() + kl).backward()
+    assert x.grad is not None and x.grad.shape == x.shape
     assert lora_b.grad is not None and rho.grad is not None
 
 
