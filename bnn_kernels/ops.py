@@ -49,8 +49,8 @@ def _seed_tensor(seed: SeedLike, device: torch.device) -> torch.Tensor:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or a 0-dim int64 tensor, got {type(seed).__name__}")
     seed = int(seed)
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if not -2**63 <= seed < 2**63:  # an int64, as a tensor seed: its two's complement bits are the Philox key
+        raise ValueError(f"seed must be in [-2**63, 2**63) (an int64), got {seed}")
     # a fill kernel on the device: torch.tensor(seed, device=gpu) would copy from pageable host memory, which
     # waits for the GPU's queued work first
     return torch.full((), seed, dtype=torch.int64, device=device)
@@ -103,6 +103,15 @@ def _check_backend_dtypes(backend: str, **tensors) -> None:
         if tensor is not None and tensor.dtype == torch.float64:
             raise ValueError(f"{name} is float64, which only the {FLOAT64_BACKENDS} backends take; "
                              f"backend {backend!r} takes float32, float16 and bfloat16")
+
+
+def _layer_backend(device: torch.device, empty: bool, **tensors) -> str:
+    """The backend a layer op runs on: the selected one, or the reference backend for an empty batch (which still
+    yields the KL; it handles zero-sized GEMMs).  The dtypes are checked against the selected backend either way,
+    so a batch size does not change what is accepted."""
+    backend = registry.select(device)
+    _check_backend_dtypes(backend, **tensors)
+    return "reference" if empty else backend
 
 
 def _check_bias(bias, out_features: int) -> None:
@@ -194,7 +203,10 @@ def philox_normal(seed: SeedLike, shape: Sequence[int], *, offset: int = 0, devi
     Element with row-major flat index i gets ``tl.randn(seed, offset + i)``: the same numbers on every backend.
     """
     if isinstance(shape, numbers.Integral):
-        shape = (int(shape),)
+        shape = (shape,)
+    shape = tuple(shape)
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in shape):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must have non-negative sizes, got {shape}")
@@ -355,12 +367,10 @@ def bayes_linear(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     _check_bias(bias, out_features)
     _check_same_device(mu.device, x=x, bias=bias)
     _check_finite(x=x, mu=mu, rho=rho)
-    seed_t = _seed_tensor(seed, mu.device)
     leading = x.shape[:-1]
     x2d = x.reshape(leading.numel(), in_features).contiguous()  # not -1: in_features may be 0
-    # an empty batch (or in_features 0) still yields the KL; the reference backend handles zero-sized GEMMs
-    backend = registry.select(mu.device) if x2d.numel() > 0 else "reference"
-    _check_backend_dtypes(backend, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
+    backend = _layer_backend(mu.device, x2d.numel() == 0, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
+    seed_t = _seed_tensor(seed, mu.device)
     # mu, rho, prior_mu go in as they are (the backends read them contiguously): a copy of a transposed or tied
     # weight made here would be a weight-sized tensor kept for backward
     y, kl, _ = _bayes_linear_op(x2d, mu, rho, bias, prior_mu, seed_t, prior_sigma, sigma_param, estimator, backend)
@@ -517,10 +527,8 @@ def bayes_conv2d(x: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, bias: Opt
     _check_same_device(mu.device, x=x, bias=bias)
     x4, stride, padding, dilation = _conv_geometry(x, mu.shape, stride, padding, dilation)
     _check_finite(x=x, mu=mu, rho=rho)
+    backend = _layer_backend(mu.device, x4.numel() == 0, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
     seed_t = _seed_tensor(seed, mu.device)
-    # an empty batch still yields the KL; the reference backend handles it
-    backend = registry.select(mu.device) if x4.numel() > 0 else "reference"
-    _check_backend_dtypes(backend, x=x, mu=mu, bias=bias, prior_mu=prior_mu)
     # mu, rho, prior_mu go in as they are (the backends read them contiguously): a channels_last weight copied here
     # would be a weight-sized tensor kept for backward
     y, kl, _ = _bayes_conv2d_op(x4, mu, rho, bias, prior_mu, seed_t, stride, padding, dilation, groups, prior_sigma,
@@ -597,13 +605,6 @@ def _check_factor_shapes(lora_a, lora_b, rho, bayes: str, out_features: int, b_s
     if rho.shape != factor.shape:
         raise ValueError(f"rho must have the shape {tuple(factor.shape)} of the Bayesian factor {name} "
                          f"(bayes={bayes!r}), got {tuple(rho.shape)}")
-
-
-def _lora_backend(device, empty: bool, **tensors) -> str:
-    # an empty batch still yields the KL; the reference backend handles it
-    backend = registry.select(device) if not empty else "reference"
-    _check_backend_dtypes(backend, **tensors)
-    return backend
 
 
 def _lora_fake_outputs(x, lora_a, rho, y_shape, h_shape, bayes, estimator):
@@ -721,11 +722,11 @@ def bayes_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if lora_a.dim() != 2 or lora_a.shape[1] != in_features:
         raise ValueError(f"lora_a must have shape (r, {in_features}), got {tuple(lora_a.shape)}")
     _check_factor_shapes(lora_a, lora_b, rho, bayes, out_features, (out_features, lora_a.shape[0]))
-    seed_t = _seed_tensor(seed, lora_a.device)
     leading = x.shape[:-1]
     x2d = x.reshape(leading.numel(), in_features).contiguous()  # not -1: in_features may be 0
-    backend = _lora_backend(lora_a.device, x2d.numel() == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
-                            lora_b=lora_b)
+    backend = _layer_backend(lora_a.device, x2d.numel() == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
+                             lora_b=lora_b)
+    seed_t = _seed_tensor(seed, lora_a.device)
     # the frozen weight goes in as it is (see bayes_linear); the factors are small
     y, kl, _, _ = _bayes_lora_linear_op(x2d, weight, _contiguous(bias), lora_a.contiguous(),
                                         lora_b.contiguous(), rho.contiguous(), seed_t, scale, bayes, prior_sigma,
@@ -826,9 +827,9 @@ def bayes_lora_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                          f"got {tuple(lora_a.shape)}")
     _check_factor_shapes(lora_a, lora_b, rho, bayes, out_channels, (out_channels, lora_a.shape[0], 1, 1))
     x4, stride, padding, dilation = _conv_geometry(x, weight.shape, stride, padding, dilation)
+    backend = _layer_backend(lora_a.device, x4.numel() == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
+                             lora_b=lora_b)
     seed_t = _seed_tensor(seed, lora_a.device)
-    backend = _lora_backend(lora_a.device, x4.numel() == 0, x=x, weight=weight, bias=bias, lora_a=lora_a,
-                            lora_b=lora_b)
     # the frozen weight goes in as it is: a channels_last base (model.to(memory_format=torch.channels_last)) copied
     # here would be kept for backward
     y, kl, _, _ = _bayes_lora_conv2d_op(x4, weight, _contiguous(bias), lora_a.contiguous(),

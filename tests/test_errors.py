@@ -34,7 +34,7 @@ def _call(**overrides):
     (dict(estimator="flipout"), ValueError, "estimator must be one of"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
     (dict(seed=True), TypeError, "seed must be an int"),
-    (dict(seed=-1), ValueError, "seed must be in"),
+    (dict(seed=-2**63 - 1), ValueError, "seed must be in"),
     (dict(seed=2**63), ValueError, "seed must be in"),
     (dict(seed=torch.tensor([1, 2])), TypeError, "seed must be an int or a 0-dim int64 tensor"),
     (dict(seed=torch.tensor(1.0)), TypeError, "seed must be an int or a 0-dim int64 tensor"),
@@ -74,6 +74,8 @@ def test_float64_only_on_backends_that_take_it():
     x, mu, rho = (torch.randn(*shape, dtype=torch.float64, device=device) for shape in ((2, 3), (4, 3), (4, 3)))
     with bk.use_backend("triton"), pytest.raises(ValueError, match="float64"):
         bk.bayes_linear(x, mu, rho, seed=1)
+    with bk.use_backend("triton"), pytest.raises(ValueError, match="float64"):  # an empty batch as well
+        bk.bayes_linear(x[:0], mu, rho, seed=1)
 
 
 @pytest.mark.parametrize("call, error, words", [
@@ -83,6 +85,7 @@ def test_float64_only_on_backends_that_take_it():
     (lambda: bk.philox_normal(1.0, (3,)), TypeError, "seed must be an int"),
     (lambda: bk.philox_normal(1, (3,), offset=-1), ValueError, "offset"),
     (lambda: bk.philox_normal(1, (-3,)), ValueError, "shape"),
+    (lambda: bk.philox_normal(1, (2.5, 3)), TypeError, "shape must be an int or a sequence of ints"),
     (lambda: bk.philox_normal(1, (3,), dtype=torch.int32), ValueError, "dtype"),
 ])
 def test_bad_arguments_of_other_ops(call, error, words):

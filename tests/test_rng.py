@@ -8,7 +8,7 @@ import bnn_kernels as bk
 from bnn_kernels.rng import philox_normal_reference, philox_uint32
 from helpers import BACKENDS, device_for
 
-SEEDS = [0, 1, 12345, 2**32 + 7, 2**62 + 12345]
+SEEDS = [0, 1, 12345, 2**32 + 7, 2**62 + 12345, -5, -2**63]  # negative: two's complement bits, as tl.randn
 OFFSETS = [0, 3, 2**31 - 5, 2**32 + 11, 2**40]
 
 triton = pytest.importorskip("triton")
