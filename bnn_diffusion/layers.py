@@ -42,6 +42,7 @@ key             kind       meaning
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -130,6 +131,7 @@ class BayesianModule(nn.Module):
         self.sample = None
         self.last_kl = None
         self._kl_versions = None  # _posterior_versions() when last_kl was computed
+        self._kl_pending = False  # whether current_kl may still hand out last_kl (_pending_until_backward)
 
     # --- what a layer defines ---------------------------------------------------------------------------------
     @property
@@ -179,6 +181,7 @@ class BayesianModule(nn.Module):
         y, kl = self._sample_forward(x, draw_seed(x.device if x.is_cuda else None))
         self.last_kl = kl
         self._kl_versions = self._posterior_versions()
+        self._kl_pending = _pending_until_backward(self, kl)
         return y
 
     def kl(self) -> torch.Tensor:
@@ -187,20 +190,19 @@ class BayesianModule(nn.Module):
         return bk.gaussian_kl(self.mu, self.rho, self.prior_mu, self.prior_sigma, sigma_param=self.sigma_param)
 
     def current_kl(self) -> torch.Tensor:
-        """The KL of the current parameters: ``last_kl`` while it still is that (no in-place change of mu, rho or
-        the prior since that forward, e.g. by an optimizer step, and attached to autograd wherever the parameters
-        need it: not so after a forward under no_grad, as reentrant checkpointing runs it), else ``kl()``."""
-        kl = self.last_kl
-        if kl is None or self._kl_versions != self._posterior_versions():
+        """The KL of the current parameters: ``last_kl`` while it still is that and backward can still run through
+        it (after an eager forward with autograd, until backward has run through that forward's op, and with no
+        in-place change of mu, rho or the prior since), else ``kl()``."""
+        if self.last_kl is None or not self._kl_pending or self._kl_versions != self._posterior_versions():
             return self.kl()
-        if torch.is_grad_enabled() and not kl.requires_grad and (self.mu.requires_grad or self.rho.requires_grad):
-            return self.kl()
-        return kl
+        return self.last_kl
 
     def _posterior_versions(self) -> tuple:
-        """The autograd version counters of mu, rho and the prior mean (bumped by every in-place change)."""
+        """The autograd version counters of mu, rho and the prior mean (bumped by every in-place change except
+        through ``.data``), and their dtypes (a cast)."""
         prior = self.prior_mu
-        return self.mu._version, self.rho._version, None if prior is None else prior._version
+        return (self.mu._version, self.rho._version, None if prior is None else prior._version,
+                self.mu.dtype, None if prior is None else prior.dtype)
 
     def keep_original(self, module: nn.Module) -> None:
         """Remember ``module`` (the layer this one replaces) so ``restore`` can hand the same object back.
@@ -269,7 +271,27 @@ class BayesianModule(nn.Module):
         # carry it), so copies start without one.
         state = dict(super().__getstate__())
         state["last_kl"] = None
+        state["_kl_pending"] = False
         return state
+
+
+def _pending_until_backward(layer: nn.Module, kl: torch.Tensor) -> bool:
+    """Whether ``layer.current_kl`` may hand out this forward's ``kl``, and a hook that ends that when backward runs
+    through the op: its graph is spent then (a second backward through it would fail), and an optimizer step may
+    follow that bumps no version counter (fused AdamW, ``param.data`` updates).  Only in an eager forward with
+    autograd: not under torch.compile (no node to hook), without autograd (reentrant checkpointing's first pass), or
+    inside backward (a checkpointed forward recomputed); current_kl then computes the KL afresh."""
+    if torch.compiler.is_compiling() or kl.grad_fn is None or torch._C._current_graph_task_id() != -1:
+        return False
+    layer_ref, forward_kl = weakref.ref(layer), weakref.ref(kl)  # no reference cycle through the graph
+
+    def spent(_grad_outputs):
+        owner = layer_ref()
+        if owner is not None and owner.last_kl is not None and owner.last_kl is forward_kl():
+            owner._kl_pending = False
+
+    kl.grad_fn.register_prehook(spent)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------

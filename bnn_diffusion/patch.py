@@ -358,10 +358,11 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
 
 def kl_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the KL(q || p) of every Bayesian module at its current parameters: the KL each computed in its last
-    forward (attached to that forward's graph: no second pass over the weights) while that is still the current
-    one, else computed now from the parameters (a module whose last forward did not sample or has not run, whose
-    parameters changed since, e.g. ``kl_loss`` written before this step's forward, or whose forward ran without
-    autograd).  A float32 0-dim tensor; ValueError if nothing is Bayesian."""
+    forward (attached to that forward's graph: no second pass over the weights) until backward has run through
+    that forward, else computed now from the parameters (a module whose last forward did not sample or has not
+    run, whose graph is spent or parameters changed since, e.g. ``kl_loss`` written before this step's forward,
+    whose forward ran without autograd, or under torch.compile).  A float32 0-dim tensor; ValueError if nothing is
+    Bayesian."""
     modules = bayesian_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no Bayesian module: call bnn_diffusion.patch first")

@@ -354,6 +354,41 @@ def test_kl_loss_is_the_kl_of_the_current_parameters(preset):
     assert all(p.grad is not None for p in trainable if p is first.rho)
 
 
+@pytest.mark.parametrize("update", ["fused-adamw", "data", "accumulate", "separate-backward", "cast"])
+def test_kl_loss_after_backward_ran_through_the_forward(update):
+    """Once backward has run through a forward, its KL is spent: kl_loss computes the KL afresh, whatever bumps no
+    version counter after it (fused AdamW, a ``.data`` write, a cast), and a second backward never runs through
+    a spent graph (kl_loss written before the forward with gradient accumulation, or backward on its own)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8))
+    bd.patch(model, "all-linear")
+    model.train()
+    x = torch.randn(5, 6)
+    if update in ("accumulate", "separate-backward"):
+        for _ in range(2):
+            kl = bd.kl_loss(model)  # before the forward: the previous micro-batch's KL is spent
+            y = model(x)
+            if update == "accumulate":
+                (y.square().mean() + 1e-3 * kl).backward()
+            else:  # the loss's backward, then the KL's own
+                y.square().mean().backward()
+                bd.kl_loss(model).backward()
+        assert bd.kl_loss(model).item() == pytest.approx(_sum_of_fresh_kl(model), rel=1e-5)
+        return
+    (model(x).square().mean() + bd.kl_loss(model)).backward()
+    if update == "fused-adamw":
+        torch.optim.AdamW(model.parameters(), lr=0.5, fused=True).step()
+    elif update == "data":
+        model[0].weight_mu.data.add_(1.0)
+    else:
+        model.to(torch.bfloat16)
+    kl = bd.kl_loss(model)
+    assert kl.item() == pytest.approx(_sum_of_fresh_kl(model), rel=1e-5)
+    assert kl.item() != 0.0  # the posterior moved away from the prior
+    kl.backward()
+    assert model[0].weight_rho.grad.dtype == model[0].weight_rho.dtype
+
+
 @pytest.mark.parametrize("kind, preset", [("unet", "paper-dreambooth"), ("dit", "paper-lora"), ("dit", "all")])
 @pytest.mark.parametrize("sigma_param", ["direct", "softplus"])
 def test_kl_is_zero_at_init_when_the_posterior_is_the_prior(kind, preset, sigma_param):
