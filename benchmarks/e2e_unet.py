@@ -388,6 +388,8 @@ def main(argv=None) -> dict:
         env["device_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     modes = {"both": [False, True], "off": [False], "on": [True]}[args.checkpointing]
     plan = [(b, ckpt, v) for b in args.batch_sizes for ckpt in modes for v in args.variants]
+    # the issue's variants first, (c') after them: a run stopped at a time limit loses the supplement, not a target
+    plan.sort(key=lambda run: run[2] == "ours-dreambooth-bf16prior")
     latent = args.latent_size or UNET_CONFIGS[args.config]["sample_size"]
     results = {
         "environment": env, "config": args.config, "unet_config": UNET_CONFIGS[args.config], "latent_size": latent,

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build from source, the contract tests on the GPU, the one-run ratio tables, the
-# end-to-end UNet training step and the pytest-benchmark microbenchmarks, in that order (the most decisive first),
-# inside one time budget.  Every result lands as JSON in $1 (default /tmp/bnn-gpu-<date>) and in
-# benchmarks/results/gpu-<date>-<name>.json; summary.json says what each stage did, tests.jsonl each test's outcome,
-# suite.log holds the console output.  Uses the machine's own torch/triton (no venv) and installs nothing from the
-# network (diffusers comes as a carried wheel, see below).
+# One call on a GPU machine: build from source, the contract tests on the GPU, the one-run ratio tables (linear,
+# LoRA, conv), the end-to-end UNet training step and the pytest-benchmark microbenchmarks, in that order (the most
+# decisive first), inside one time budget.  Every result lands as JSON in $1 (default /tmp/bnn-gpu-<date>) and, on
+# a GPU, in benchmarks/results/gpu-<date>-<name>.json of the checkout it ran in; summary.json (rewritten after every
+# stage) says what each stage did and on what machine, tests.jsonl each test's outcome, suite.log holds the console
+# output.  Uses the machine's own torch/triton (no venv) and installs nothing from the network (diffusers comes as
+# a carried wheel, see below).  SUITE_COMMIT names the commit in summary.json (the device copy has no .git).
 #
 #   benchmarks/gpu_suite.sh [OUTPUT_DIR]
 #
@@ -29,9 +30,14 @@ python=${PYTHON:-python3}
 budget=${SUITE_BUDGET_S:-540}
 export PYTHONUNBUFFERED=1
 export PIP_BREAK_SYSTEM_PACKAGES=1  # the machine's own Python may be marked externally managed
-if $python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if timeout 120 $python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export TRITON_INTERPRET=0
   on_gpu=1
+elif command -v nvidia-smi >/dev/null && timeout 30 nvidia-smi -L >/dev/null 2>&1; then
+  # a GPU that torch cannot use: running the CPU sizes on the lease would waste it
+  echo "!! nvidia-smi sees a GPU but torch does not:"
+  timeout 120 $python -c "import torch; torch.cuda.init()" 2>&1 | tail -3
+  exit 2
 else
   export TRITON_INTERPRET=1
   on_gpu=0
@@ -40,8 +46,8 @@ status=0
 stages=()
 
 # The stages in the order they run, and the seconds each keeps back from the stages before it (its floor).
-order=(build kernel-tests e2e-unet linear-ratios lora-ratios conv-ratios microbench)
-declare -A floor=([e2e-unet]=150 [linear-ratios]=45 [lora-ratios]=30 [conv-ratios]=30)
+order=(build kernel-tests linear-ratios lora-ratios conv-ratios e2e-unet microbench)
+declare -A floor=([linear-ratios]=45 [lora-ratios]=40 [conv-ratios]=30 [e2e-unet]=150)
 unavailable=" "  # stages that cannot run here (their floors go to the others)
 
 selected() { [[ (-z ${SUITE_STAGES:-} || " $SUITE_STAGES " == *" $1 "*) && $unavailable != *" $1 "* ]]; }
@@ -84,68 +90,46 @@ stage() {
   ((rc == 124 || rc == 137)) && echo "   $name stopped at its ${limit}s limit"
   ((rc != 0)) && status=1
   stages+=("$name $rc $((SECONDS - begin))")
+  write_summary
 }
 
-# diffusers is not on the GPU image: its wheel travels in .whl/ (ignored by git; see benchmarks/NOTES.md, "GPU suite")
-if compgen -G ".whl/*.whl" >/dev/null; then
-  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || status=1
-fi
-if ! $python -c "import diffusers" 2>/dev/null; then
-  echo "!! diffusers does not import (no wheel in .whl/? see benchmarks/NOTES.md, \"GPU suite\"): e2e-unet cannot run"
-  unavailable+="e2e-unet "
-  status=1
-fi
-
-echo "== environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
-$python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-
-stage build 150 $python -m pip install --no-build-isolation --no-deps --no-index -e .
-$python -c "import bnn_kernels as bk; print('backends', bk.backends())" || status=1
-
-# The kernel contract tests on the GPU.  BNN_TRITON_AUTOTUNE=0: one config per kernel (no autotune benchmarking over
-# the many odd test shapes); pytest-xdist spreads the compiles over the CPUs where it is installed.
-# BNN_TEST_LOG (tests/result_log.py): one JSON line per outcome, written as it comes, so that a run stopped at its
-# limit still says what passed and why anything failed.
-pytest_args=(-q -p no:cacheprovider -rfE)
-if ((on_gpu)) && $python -c "import xdist" 2>/dev/null; then pytest_args+=(-n 8); fi
-if $python -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout 300); fi
-kernel_tests=(tests/test_rng.py tests/test_kl.py tests/test_linear.py tests/test_conv.py tests/test_lora.py
-              tests/test_memory_contract.py tests/test_errors.py tests/test_compile.py)
-# SUITE_TESTS="FILE_OR_NODE_ID ..." runs those instead (a second call that reruns what failed, from tests.jsonl)
-if [[ -n ${SUITE_TESTS:-} ]]; then read -r -a kernel_tests <<<"$SUITE_TESTS"; fi
-# OMP_NUM_THREADS=2: the 8 workers' cpu-backend tests would otherwise each start an OpenMP thread per core, against
-# each other and the workers' Triton compiles.
-BNN_TEST_LOG="$out/tests.jsonl" BNN_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=2 \
-  stage kernel-tests 200 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
-
-# The end-to-end step before the ratio tables: a second call can then run those (shorter) where this one stopped;
-# 5 timed steps after 2 (the first autotunes every shape), 24 runs.
-if ((on_gpu)); then
-  e2e_args=(--config sd15 --repeats 5 --warmup 2)
-else
-  e2e_args=(--config tiny --latent-size 8 --batch-sizes 1 --repeats 1 --warmup 0)
-fi
-read -r -a extra_e2e_args <<<"${SUITE_E2E_ARGS:-}"
-stage e2e-unet 200 $python benchmarks/e2e_unet.py "${e2e_args[@]}" "${extra_e2e_args[@]}" --json "$out/e2e_unet.json"
-stage linear-ratios 75 $python benchmarks/linear_ratios.py --json "$out/linear_ratios.json"
-stage lora-ratios 60 $python benchmarks/lora_ratios.py --json "$out/lora_ratios.json"
-stage conv-ratios 60 $python benchmarks/conv_ratios.py --json "$out/conv_ratios.json"
-stage microbench 120 $python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
-  --benchmark-json="$out/microbench.json"
-
-rm -f "$out"/.*.tmp  # a JSON write cut off by a stage's limit: only 8 files come back from a call
-$python - "$out/summary.json" "$stamp" "$budget" "${stages[@]}" <<'EOF'
-import collections, json, os, sys
-path, stamp, budget, *stages = sys.argv[1:]
+# summary.json: the machine, the settings and what each stage did so far (rewritten after every stage, so a call
+# cut short still says what ran)
+write_summary() {
+  rm -f "$out"/.*.tmp  # a JSON write cut off by a stage's limit: only 8 files come back from a call
+  timeout 60 $python - "$out/summary.json" "$stamp" "$budget" "$on_gpu" "${stages[@]}" <<'EOF'
+import collections, datetime, json, os, subprocess, sys
+path, stamp, budget, on_gpu, *stages = sys.argv[1:]
 rows = [dict(zip(("stage", "rc", "seconds"), s.split())) for s in stages]
 for row in rows:  # timeout exits 124 at the limit, 137 when the stage also needed the KILL after it
     row["seconds"] = int(row["seconds"])
     row["outcome"] = {"skipped": "skipped (budget)", "not-selected": "not selected", "0": "ok",
                       "unavailable": "cannot run here (see suite.log)",
                       "124": "stopped at its time limit", "137": "stopped at its time limit"}.get(row["rc"], "failed")
-summary = {"stamp": stamp, "budget_seconds": int(budget), "stages": rows}
+environment = {"python": sys.version.split()[0], "commit": os.environ.get("SUITE_COMMIT"),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "settings": {k: v for k, v in os.environ.items() if k.startswith("SUITE_") and k != "SUITE_COMMIT"}}
+try:
+    import torch
+    import triton
+    environment.update(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__)
+    if on_gpu == "1":
+        environment["device"] = torch.cuda.get_device_name()
+except Exception as error:  # the summary is still written
+    environment["versions_error"] = repr(error)
+try:
+    import diffusers
+    environment["diffusers"] = diffusers.__version__
+except Exception:
+    environment["diffusers"] = None
+if on_gpu == "1":
+    try:
+        environment["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as error:
+        environment["nvidia_smi"] = repr(error)
+summary = {"stamp": stamp, "budget_seconds": int(budget), "environment": environment, "stages": rows}
 log = os.path.join(os.path.dirname(path), "tests.jsonl")
 if os.path.exists(log):  # the kernel tests' outcomes so far, from BNN_TEST_LOG
     records = []
@@ -156,8 +140,73 @@ if os.path.exists(log):  # the kernel tests' outcomes so far, from BNN_TEST_LOG
             pass
     summary["kernel_tests"] = dict(collections.Counter(r["outcome"] for r in records))
     summary["kernel_tests_failed"] = sorted({r["test"] for r in records if r["outcome"] == "failed"})
-json.dump(summary, open(path, "w"), indent=1)
-print("\n".join(f"{r['stage']:<14} {r['outcome']:<26} {r['seconds']:>4}s" for r in rows))
+partial = os.path.join(os.path.dirname(path), ".summary.json.tmp")  # removed by the next call if cut off
+with open(partial, "w") as part:
+    json.dump(summary, part, indent=1)
+os.replace(partial, path)
+EOF
+}
+
+# diffusers is not on the GPU image: its wheel travels in .whl/ (ignored by git; see benchmarks/NOTES.md, "GPU
+# suite"); SUITE_WHEELS names another folder
+wheels=${SUITE_WHEELS:-.whl}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  timeout 120 $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$wheels"/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || status=1
+fi
+if ! timeout 120 $python -c "import diffusers" 2>/dev/null; then
+  echo "!! diffusers does not import (no wheel in .whl/? see benchmarks/NOTES.md, \"GPU suite\"): e2e-unet cannot run"
+  unavailable+="e2e-unet "
+  status=1
+fi
+
+echo "== environment"
+timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+timeout 120 $python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+stage build 150 $python -m pip install --no-build-isolation --no-deps --no-index -e .
+timeout 120 $python -c "import bnn_kernels as bk; print('backends', bk.backends())" || status=1
+
+# The kernel contract tests on the GPU.  BNN_TRITON_AUTOTUNE=0: one config per kernel (no autotune benchmarking over
+# the many odd test shapes); pytest-xdist spreads the compiles over the CPUs where it is installed.
+# BNN_TEST_LOG (tests/result_log.py): one JSON line per outcome, written as it comes, so that a run stopped at its
+# limit still says what passed and why anything failed.
+pytest_args=(-q -p no:cacheprovider -rfE)
+if ((on_gpu)) && $python -c "import xdist" 2>/dev/null; then pytest_args+=(-n 8); fi
+# a hung test fails alone, named, instead of using up the stage
+if $python -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout 90); fi
+# (test_compile.py runs on CPU tensors only: CI covers it)
+kernel_tests=(tests/test_rng.py tests/test_kl.py tests/test_linear.py tests/test_conv.py tests/test_lora.py
+              tests/test_memory_contract.py tests/test_errors.py tests/test_autocast.py)
+# SUITE_TESTS="FILE_OR_NODE_ID ..." runs those instead (a second call that reruns what failed, from tests.jsonl)
+if [[ -n ${SUITE_TESTS:-} ]]; then read -r -a kernel_tests <<<"$SUITE_TESTS"; fi
+# OMP_NUM_THREADS=2: the 8 workers' cpu-backend tests would otherwise each start an OpenMP thread per core, against
+# each other and the workers' Triton compiles.
+BNN_TEST_LOG="$out/tests.jsonl" BNN_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=2 \
+  stage kernel-tests 150 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
+
+# The kernels' one-run ratio tables (the targets of the linear, LoRA and conv ops), then the end-to-end step with
+# what is left (at least its floor): 5 timed steps after 2 (the first autotunes every shape), the issue's variants
+# first (24 runs), (c') last.
+stage linear-ratios 75 $python benchmarks/linear_ratios.py --json "$out/linear_ratios.json"
+stage lora-ratios 60 $python benchmarks/lora_ratios.py --json "$out/lora_ratios.json"
+stage conv-ratios 45 $python benchmarks/conv_ratios.py --json "$out/conv_ratios.json"
+if ((on_gpu)); then
+  e2e_args=(--config sd15 --repeats 5 --warmup 2)
+else
+  e2e_args=(--config tiny --latent-size 8 --batch-sizes 1 --repeats 1 --warmup 0)
+fi
+read -r -a extra_e2e_args <<<"${SUITE_E2E_ARGS:-}"
+stage e2e-unet 300 $python benchmarks/e2e_unet.py "${e2e_args[@]}" "${extra_e2e_args[@]}" --json "$out/e2e_unet.json"
+stage microbench 120 $python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+  --benchmark-json="$out/microbench.json"
+
+write_summary
+timeout 60 $python - "$out/summary.json" <<'EOF'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+print("\n".join(f"{r['stage']:<14} {r['outcome']:<26} {r['seconds']:>4}s" for r in summary["stages"]))
 if "kernel_tests" in summary:
     print("kernel tests:", summary["kernel_tests"])
 EOF

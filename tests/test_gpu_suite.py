@@ -13,14 +13,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-STAGES = ["build", "kernel-tests", "e2e-unet", "linear-ratios", "lora-ratios", "conv-ratios", "microbench"]
+STAGES = ["build", "kernel-tests", "linear-ratios", "lora-ratios", "conv-ratios", "e2e-unet", "microbench"]
 
 
 def run_suite(out, **settings):
-    env = {**os.environ, "PYTHON": sys.executable, **settings}
+    # no carried wheels: a .whl/ in the checkout would put its diffusers ahead of what a test gives
+    env = {**os.environ, "PYTHON": sys.executable, "SUITE_WHEELS": str(out / "no-wheels"), **settings}
     done = subprocess.run(["bash", str(SUITE), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     summary = json.loads((out / "summary.json").read_text())
@@ -36,6 +38,9 @@ def test_selected_stage_runs_and_writes_its_json(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [row["stage"] for row in summary["stages"]] == STAGES
     assert outcomes(summary) == {s: "ok" if s == "linear-ratios" else "not selected" for s in STAGES}
+    environment = summary["environment"]
+    assert environment["torch"] == torch.__version__ and environment["triton"] and environment["date"]
+    assert environment["settings"]["SUITE_STAGES"] == "linear-ratios"
     ratios = json.loads((tmp_path / "linear_ratios.json").read_text())
     assert ratios["shapes"] and all(shape["ratios"] for shape in ratios["shapes"].values())
     assert "no GPU: nothing copied" in done.stdout
