@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import bnn_kernels as bk
 from bnn_kernels.checks import check_choice, check_positive_float
-from bnn_kernels.ops import LORA_FACTORS
+from bnn_kernels.ops import LORA_FACTORS, explicit_conv_padding
 from bnn_kernels.sigma import ESTIMATORS, SIGMA_PARAMS, sigma_from_rho
 
 __all__ = ["BayesianModule", "BayesLinear", "BayesConv2d", "BayesLoRALinear", "BayesLoRAConv2d", "rho_for_sigma",
@@ -340,6 +340,8 @@ class _Conv2dGeometry:
     def _geometry_of(conv: nn.Conv2d) -> dict:
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; the Bayesian conv supports only 'zeros'")
+        # the ops' padding rule, checked before the model is touched ("same" only where it is symmetric)
+        explicit_conv_padding(conv.padding, conv.kernel_size, list(conv.stride), list(conv.dilation))
         return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
                     stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
@@ -394,15 +396,16 @@ class _FullRank(BayesianModule):
 
     def reset_parameters(self) -> None:
         """The plain layer's initialisation for mu and bias, sigma = sigma_init, prior = this initial mean and
-        bias."""
+        bias.  The prior means become new tensors: a wrapped layer's share the pretrained weight's storage, which
+        is left intact."""
         reference = self._plain_layer(self.weight_mu.device, self.weight_mu.dtype, self.bias is not None)
         with torch.no_grad():
             self.weight_mu.copy_(reference.weight)
             self.weight_rho.fill_(rho_for_sigma(self.sigma_init, self.sigma_param))
-            self.prior_mu.copy_(reference.weight)
+            self.prior_mu = reference.weight.detach().to(self.prior_mu.dtype)
             if self.bias is not None:
                 self.bias.copy_(reference.bias)
-                self.prior_bias.copy_(reference.bias)
+                self.prior_bias = reference.bias.detach().to(self.prior_bias.dtype)
         self.last_kl = None
 
     @classmethod

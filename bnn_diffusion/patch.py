@@ -51,7 +51,7 @@ class Preset:
     """A named target set: which layers (``patterns`` over ``layer_types``) become which kind of Bayesian layer.
 
     ``kind`` is ``"full"`` (full-rank posterior over the layer's weight) or ``"lora"`` (frozen layer + LoRA factors,
-    one of them Bayesian; ``bayes`` overrides ``patch``'s ``bayes`` argument when set).
+    one of them Bayesian; ``bayes`` is the factor taken when ``patch`` is not given one).
     """
 
     name: str
@@ -299,7 +299,8 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
 
     chosen, hits = [], {p.text: 0 for p in patterns}
     near = {p.text: [] for p in patterns}  # matched names that are not patchable, for the error message
-    for site in _sites(model):
+    sites = _sites(model)
+    for site in sites:
         matched = [p for p in patterns if p.matches(site.match_name)]
         if not matched:
             continue
@@ -321,6 +322,17 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
                     f"{' ...' if len(others) > 4 else ''}")
         wanted = " or ".join(t.__name__ for t in layer_types)
         raise ValueError(f"{what} matched no {wanted} module of {type(model).__name__}{hint}")
+
+    # a module used at several places is patched at all of them or none: the places left would hold the replaced
+    # module, whose weights move into the Bayesian layer (keep_original)
+    chosen_modules = {id(site.module): site for site in chosen}
+    chosen_places = {id(site) for site in chosen}
+    for site in sites:
+        first = chosen_modules.get(id(site.module))
+        if first is not None and id(site) not in chosen_places:
+            raise ValueError(f"cannot patch {first.name}: the same module is also used at {site.name}, which the "
+                             f"targets do not match; patch both places (add {site.match_name!r} to targets) or "
+                             f"neither")
 
     # build every Bayesian layer first (this reads the model and may still refuse a layer), then swap them in
     factory = {t: _FACTORIES[(spec.kind, t)] for t in layer_types}

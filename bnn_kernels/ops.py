@@ -398,8 +398,8 @@ def _int_pair(name: str, value, minimum: int) -> list[int]:
     return [int(v) for v in items]
 
 
-def _conv_padding(padding, kernel: Sequence[int], stride: list[int], dilation: list[int]) -> list[int]:
-    """Explicit (symmetric) padding from an int, a pair, "valid" or "same"."""
+def explicit_conv_padding(padding, kernel: Sequence[int], stride: list[int], dilation: list[int]) -> list[int]:
+    """Explicit (symmetric) padding from an int, a pair, "valid" or "same"; ValueError / TypeError otherwise."""
     if not isinstance(padding, str):
         return _int_pair("padding", padding, 0)
     check_choice("padding", padding, PADDING_MODES)
@@ -427,7 +427,7 @@ def _conv_geometry(x: torch.Tensor, weight_shape, stride, padding, dilation):
     kernel = tuple(weight_shape[2:])
     stride = _int_pair("stride", stride, 1)
     dilation = _int_pair("dilation", dilation, 1)
-    padding = _conv_padding(padding, kernel, stride, dilation)
+    padding = explicit_conv_padding(padding, kernel, stride, dilation)
     x4 = (x if x.dim() == 4 else x.unsqueeze(0)).contiguous()  # NCHW, whatever x's memory format
     out_shape = _conv_output_shape(x4.shape, weight_shape, stride, padding, dilation)
     if min(out_shape[2:]) < 1:

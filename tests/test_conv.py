@@ -362,7 +362,7 @@ def _call(**overrides):
     (dict(sigma_param="exp"), ValueError, "sigma_param must be one of"),
     (dict(estimator="flipout"), ValueError, "estimator must be one of"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
-    (dict(seed=-1), ValueError, "seed must be in"),
+    (dict(seed=2**63), ValueError, "seed must be in"),
     (dict(seed=torch.tensor([1, 2])), TypeError, "seed must be an int or a 0-dim int64 tensor"),
     (dict(x=torch.randn(2, 4, 6, 6, device="meta")), ValueError, "x is on meta"),
 ])

@@ -484,7 +484,7 @@ def _call_linear(**overrides):
     (dict(sigma_param="exp"), ValueError, "sigma_param must be one of"),
     (dict(estimator="flipout"), ValueError, "estimator must be one of"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
-    (dict(seed=-1), ValueError, "seed must be in"),
+    (dict(seed=2**63), ValueError, "seed must be in"),
     (dict(x=torch.randn(3, 4, device="meta")), ValueError, "x is on meta but lora_a is on cpu"),
 ])
 def test_bad_bayes_lora_linear_arguments(overrides, error, words):

@@ -912,3 +912,31 @@ def test_bnn_diffusion_never_imports_triton():
     package = pathlib.Path(bd.__file__).parent
     for source in package.rglob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+triton\b", source.read_text(), re.M), source
+
+
+def test_a_module_used_at_a_place_the_targets_do_not_match_is_refused():
+    """The place left would hold the replaced module, whose weights move into the Bayesian layer."""
+    shared = nn.Linear(4, 4)
+    model = nn.Module()
+    model.a, model.b = shared, nn.Sequential(shared)
+    with pytest.raises(ValueError, match=r"cannot patch a: the same module is also used at b\.0"):
+        bd.patch(model, "all-linear", targets=["a"])
+    assert shared.weight.device.type == "cpu" and not bd.bayesian_modules(model)  # untouched
+    assert bd.patch(model, "all-linear", targets=["a", "b.0"]) == ["a", "b.0"]
+    assert model.a is model.b[0]
+
+
+def test_patch_refuses_a_conv_whose_same_padding_the_op_cannot_run():
+    model = nn.Sequential(nn.Conv2d(2, 3, kernel_size=4, padding="same"))
+    with pytest.raises(ValueError, match="cannot patch 0: padding='same' is supported when"):
+        bd.patch(model, "all", targets=["0"])
+    assert isinstance(model[0], nn.Conv2d)
+
+
+def test_reset_parameters_leaves_the_pretrained_weight_intact():
+    linear = nn.Linear(4, 3)
+    pretrained = linear.weight.detach().clone()
+    layer = bd.BayesLinear.from_linear(linear)
+    layer.reset_parameters()
+    assert torch.equal(linear.weight, pretrained)
+    assert torch.equal(layer.prior_mu, layer.weight_mu)  # the prior is the new initial mean
