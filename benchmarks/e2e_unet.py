@@ -428,7 +428,8 @@ def main(argv=None) -> dict:
                                         variant_order.index(r["variant"])))
     results["targets"] = evaluate_targets(results["runs"], on_gpu)
     print_report(results)
-    if args.json:  # written after the last run above
+    if args.json:  # again in the table's order (the runs ran in the plan's: the variants first)
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     results["failed"] = [r for r in results["runs"] if r["status"] in ("error", "oom")]
     return results

@@ -40,8 +40,8 @@ def list_images(directory, what: str = "image directory") -> list:
         raise ValueError(f"{what} {str(path)!r} holds no image (looked for {', '.join(IMAGE_EXTENSIONS)})")
     for image in images:  # now, not when a batch first draws it, hours into a run
         try:
-            with Image.open(image) as opened:
-                opened.verify()
+            with Image.open(image) as opened:  # load, not verify: verify reads no pixel data of a JPEG
+                opened.load()
         except Exception as error:  # PIL raises several types for unreadable or truncated files
             raise ValueError(f"{what}: {str(image)!r} is not a readable image ({type(error).__name__}: {error}); "
                              "remove it or convert it") from None

@@ -234,6 +234,14 @@ def _check_args(args: argparse.Namespace) -> Optional[str]:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             return f"--{name} must be a finite number > 0, got {value}"
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            return f"--{name} must be in [0, 1), got {getattr(args, name)}"
+    if not (math.isfinite(args.adam_epsilon) and args.adam_epsilon >= 0):
+        return f"--adam_epsilon must be a finite number >= 0, got {args.adam_epsilon}"
+    # accelerate's set_seed(device_specific=True) adds the process index, and numpy takes seeds below 2**32
+    if args.seed is not None and not 0 <= args.seed < 2**32 - 1024:
+        return f"--seed must be in [0, 2**32 - 1024), got {args.seed}"
     if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0 or args.num_class_images < 0:
         return "--lr_warmup_steps, --dataloader_num_workers and --num_class_images must be >= 0"
     if args.with_prior_preservation:
@@ -273,6 +281,22 @@ def main(argv: Optional[list] = None) -> int:
 # checks on the files
 # ----------------------------------------------------------------------------------------------------------------
 
+def _check_output_dir(output_dir: Path, pretrained: Path) -> None:
+    """UsageError unless ``output_dir`` can be a directory (it, or its nearest existing ancestor, is one) that
+    neither holds nor lies inside the pretrained checkpoint (the result's unet/ would overwrite the base model)."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "exists" if existing == output_dir else f"lies under {str(existing)!r}, which exists"
+        raise UsageError(f"--output_dir {str(output_dir)!r} {what} and is not a directory")
+    out, base = output_dir.resolve(), pretrained.resolve()
+    if out == base or base in out.parents or out in base.parents:
+        raise UsageError(f"--output_dir {str(output_dir)!r} overlaps --pretrained_model_name_or_path "
+                         f"{str(pretrained)!r}: the result would overwrite the pretrained model; choose another "
+                         f"directory")
+
+
 def check_pretrained(path) -> dict:
     """The ``model_index.json`` of a local diffusers Stable Diffusion checkpoint, or a UsageError saying what is
     wrong with ``path``."""
@@ -296,7 +320,31 @@ def check_pretrained(path) -> dict:
                          f"{index.get('_class_name', 'an unknown pipeline')})")
     if index.get("unet", [None, None])[1] != "UNet2DConditionModel":
         raise UsageError(f"{flag}: the checkpoint's unet is a {index['unet'][1]}, not a UNet2DConditionModel")
+    _check_text_to_image_unet(root, index)
     return index
+
+
+def _check_text_to_image_unet(root: Path, index: dict) -> None:
+    """UsageError for a UNet this trainer cannot condition: an inpainting / depth one (its input has more channels
+    than the VAE's latents) or an SDXL-style one (extra embeddings, a second text encoder)."""
+    flag = "--pretrained_model_name_or_path"
+    configs = {}
+    for part in ("unet", "vae"):
+        try:
+            configs[part] = json.loads((root / part / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{flag}: cannot read {root / part / 'config.json'}: {error}") from None
+    unet, vae = configs["unet"], configs["vae"]
+    in_channels, latents = unet.get("in_channels", 4), vae.get("latent_channels", 4)
+    if in_channels != latents:
+        raise UsageError(f"{flag}: the UNet takes {in_channels} input channels but the VAE makes {latents}-channel "
+                         f"latents (an inpainting or depth checkpoint?); this trainer fine-tunes text-to-image "
+                         f"Stable Diffusion 1.x/2.x")
+    extra = [key for key in ("addition_embed_type", "class_embed_type") if unet.get(key) is not None]
+    if extra or "text_encoder_2" in index:
+        found = extra + (["text_encoder_2"] if "text_encoder_2" in index else [])
+        raise UsageError(f"{flag}: the checkpoint has {found} (SDXL or another conditioned UNet); this trainer "
+                         f"fine-tunes text-to-image Stable Diffusion 1.x/2.x")
 
 
 def _list_images(directory, flag: str) -> list:
@@ -639,12 +687,24 @@ class MetricsLog:
         """Keep the records up to ``resumed_step`` (a resumed run replaces what came after its checkpoint); a fresh
         run (step 0) starts an empty file."""
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as handle:
-                self.records = [r for r in (json.loads(line) for line in handle if line.strip())
-                                if r.get("step", 0) <= resumed_step]
+            self.records = [r for r in self._readable_records() if r.get("step", 0) <= resumed_step]
         if self.enabled:
             lines = "".join(json.dumps(r) + "\n" for r in self.records)
             _write_atomic(self.path, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+
+    def _readable_records(self) -> list:
+        """The file's records; a line that does not parse (cut off when a run was killed mid-write) is skipped
+        with a warning."""
+        records = []
+        with open(self.path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    logger.warning("%s: line %d is not a JSON record (cut off?): skipped", self.path, number)
+        return records
 
     def append(self, record: dict) -> None:
         self.records.append(record)
@@ -848,8 +908,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     if args.with_prior_preservation and args.class_data_dir is not None and Path(args.class_data_dir).is_file():
         raise UsageError(f"--class_data_dir {args.class_data_dir!r} is not a directory")
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {str(output_dir)!r} exists and is not a directory")
+    _check_output_dir(output_dir, Path(args.pretrained_model_name_or_path))
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use bf16 on the CPU")
     _adamw_class(args)
@@ -1102,7 +1161,8 @@ def _link_or_copy(source: str, target: str) -> None:
 def _complete_pipeline(pretrained: Path, output_dir: Path) -> None:
     """Make ``output_dir`` (holding the fine-tuned ``unet/``) a whole pipeline, as diffusers' DreamBooth script
     does: the checkpoint's other parts (hard-linked where the file system allows) and its model_index.json, so
-    that ``StableDiffusionPipeline.from_pretrained(output_dir)`` loads the fine-tuned model."""
+    that ``StableDiffusionPipeline.from_pretrained(output_dir)`` loads the fine-tuned model (with the run's
+    ``variant=`` when ``--variant`` was given: the other parts are that variant's files)."""
     index = json.loads((pretrained / "model_index.json").read_text(encoding="utf-8"))
     for part, entry in index.items():
         if part == "unet" or not (isinstance(entry, list) and entry[0] and (pretrained / part).is_dir()):

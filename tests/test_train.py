@@ -177,6 +177,7 @@ def test_resume_continues_the_same_loss_curve(full_run, tiny_sd, tmp_path):
     shutil.rmtree(resumed / "unet")
     with open(resumed / "metrics.jsonl", "a") as handle:  # a record the interrupted run wrote after its checkpoint
         handle.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
+        handle.write('{"step": 4, "lo')  # and a line cut off when it was killed mid-write
     _run(tiny_sd, resumed, "--max_train_steps", "4", "--method", "full", "--preset", "paper-dreambooth",
          "--kl_weight", "1e-3", "--cep", "gaussian", "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest")
     expected, got = _records(output_dir), _records(resumed)
@@ -319,6 +320,9 @@ def test_variant_loads_the_weight_files_of_that_variant(tiny_sd, tmp_path):
                   "paper-dreambooth")
     _assert_records(_records(tmp_path / "out"), 2)
     assert {p.dtype for p in result.unet.parameters()} == {torch.float32}
+    reloaded = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"), variant="fp16")  # as README says
+    for name, tensor in result.unet.state_dict().items():
+        torch.testing.assert_close(reloaded.unet.state_dict()[name], tensor, msg=name)
 
 
 @pytest.mark.parametrize("epochs, items, batch, accumulation, processes, steps", [
@@ -393,7 +397,21 @@ def test_clear_errors(tiny_sd, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(images, broken)
     (broken / "._photo.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork, not a JPEG")  # as macOS leaves
+    truncated = tmp_path / "truncated"
+    shutil.copytree(images, truncated)
+    photo = sorted(truncated.iterdir())[0]
+    photo.write_bytes(photo.read_bytes()[:len(photo.read_bytes()) // 2])  # a download cut off half-way
+    inpainting = tmp_path / "inpainting"
+    shutil.copytree(model, inpainting)
+    config = json.loads((inpainting / "unet" / "config.json").read_text())
+    (inpainting / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
     cases = [
+        (["--instance_data_dir", str(truncated)], rf"--instance_data_dir: .*{photo.name}' is not a readable image"),
+        (["--pretrained_model_name_or_path", str(inpainting)], r"the UNet takes 9 input channels but the VAE makes 4"),
+        (["--output_dir", str(model)], r"--output_dir .* overlaps --pretrained_model_name_or_path"),
+        (["--output_dir", str(a_file / "out")], r"--output_dir .*out' lies under .*a-file', which exists and is not"),
         (["--instance_data_dir", str(tmp_path / "missing")], r"--instance_data_dir .*missing' does not exist"),
         (["--instance_data_dir", str(broken)], r"--instance_data_dir: .*\._photo\.jpg' is not a readable image"),
         (["--instance_data_dir", str(empty)], r"--instance_data_dir .*empty' holds no image"),
@@ -411,7 +429,8 @@ def test_clear_errors(tiny_sd, tmp_path, capsys):
         AcceleratorState._reset_state(reset_partial_state=True)
     usage = [["--method", "lora", "--preset", "paper-dreambooth"], ["--preset", "none", "--kl_weight", "1"],
              ["--with_prior_preservation"], ["--max_train_steps", "0"], ["--cep_gamma", "-1"],
-             ["--method", "lora", "--prior_dtype", "bf16"], ["--preset", "none", "--prior_dtype", "fp16"]]
+             ["--method", "lora", "--prior_dtype", "bf16"], ["--preset", "none", "--prior_dtype", "fp16"],
+             ["--adam_beta1", "1.5"], ["--adam_epsilon", "-1"], ["--seed", "-1"], ["--seed", str(2**32)]]
     for extra in usage:
         with pytest.raises(SystemExit) as exit_info:
             trainer.main(_argv(tiny_sd, tmp_path / "out", *extra))
