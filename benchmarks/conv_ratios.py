@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from layers import (CONV_VARIANTS, CPU_CONV_SHAPES, SD15_CONV_SHAPES, forward_backward, make_conv_layer,  # noqa: E402
                     saved_bytes)
-from ratios import Case, run_ratio_table  # noqa: E402
+from ratios import Case, errors_against_oracle, run_ratio_table  # noqa: E402
 
 RATIOS = {  # name: (numerator, denominator)
     "reparam_over_conv": ("fused-reparam", "F.conv2d"),
@@ -36,14 +36,17 @@ def make_case(shape, dtype, device) -> Case:
     grad_y = torch.randn(batch, channels, height, width, device=device, dtype=dtype)
     return Case(step=lambda variant: forward_backward(variant, *layer, grad_y, variants=CONV_VARIANTS),
                 saved=lambda variant: saved_bytes(variant, *layer, variants=CONV_VARIANTS),
-                record={"batch": batch, "channels": channels, "height": height, "width": width, "kernel": 3})
+                record={"batch": batch, "channels": channels, "height": height, "width": width, "kernel": 3},
+                check=lambda names: errors_against_oracle(
+                    lambda v, ts, g: forward_backward(v, *ts, g, variants=CONV_VARIANTS), layer, grad_y, names))
 
 
 def main(argv=None) -> dict:
     return run_ratio_table(argv, description=__doc__.splitlines()[0], gpu_shapes=SD15_CONV_SHAPES,
                            cpu_shapes=CPU_CONV_SHAPES, variants=lambda device: list(CONV_VARIANTS),
                            make_case=make_case, ratios=RATIOS, saved_unit="MiB",
-                           saved_variants=("paper-style", "fused-reparam", "fused-lrt"))
+                           saved_variants=("paper-style", "fused-reparam", "fused-lrt"),
+                           checked=("fused-reparam", "fused-lrt"))
 
 
 if __name__ == "__main__":

@@ -106,18 +106,33 @@ def make_layer(m, n, k, dtype, device):
     return x, mu, rho, bias, prior_mu
 
 
-def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y, variants=VARIANTS):
-    """One training step of the layer ``variants[variant]``: forward, backward through y and the KL; gradients are
-    reset.  ``variants``: VARIANTS (linear) or CONV_VARIANTS."""
+LAYER_NAMES = ("x", "mu", "rho", "bias", "prior_mu")
+LORA_LAYER_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "rho")
+
+
+def training_step(call, layer, names, grad_y, inputs=None) -> dict:
+    """Forward ``call(*layer) -> (y, kl or None)``, backward through y (with ``grad_y``) and the KL (weight 1), then
+    reset the gradients; returns y, the KL and the gradient of each tensor of ``layer`` that got one ("d" + its
+    name from ``names``).  ``inputs``: backpropagate to these only."""
+    y, kl = call(*layer)
+    outputs, grads = [y], [grad_y]
+    if kl is not None:
+        outputs.append(kl)
+        grads.append(torch.ones_like(kl))
+    torch.autograd.backward(outputs, grads, inputs=inputs)
+    results = {"y": y.detach(), "kl": None if kl is None else kl.detach()}
+    for name, tensor in zip(names, layer):
+        if tensor.grad is not None:
+            results["d" + name] = tensor.grad
+            tensor.grad = None
+    return results
+
+
+def forward_backward(variant, x, mu, rho, bias, prior_mu, grad_y, variants=VARIANTS) -> dict:
+    """One training step of the layer ``variants[variant]`` (``training_step``).  ``variants``: VARIANTS (linear)
+    or CONV_VARIANTS."""
     with triton_variant(FORCED_TRITON_VARIANTS.get(variant)):
-        y, kl = variants[variant](x, mu, rho, bias, prior_mu)
-        outputs, grads = [y], [grad_y]
-        if kl is not None:
-            outputs.append(kl)
-            grads.append(torch.ones_like(kl))
-        torch.autograd.backward(outputs, grads)
-    for tensor in (x, mu, rho, bias):
-        tensor.grad = None
+        return training_step(variants[variant], (x, mu, rho, bias, prior_mu), LAYER_NAMES, grad_y)
 
 
 def saved_bytes(variant, x, mu, rho, bias, prior_mu, variants=VARIANTS) -> int:
@@ -197,19 +212,10 @@ def make_lora_layer(m, n, k, dtype, device, rank=LORA_RANK):
     return x, weight, bias, lora_a, lora_b, rho
 
 
-def lora_forward_backward(variant, layer, grad_y):
-    """One training step of the LoRA layer: forward, backward through y and the KL; gradients are reset."""
-    y, kl = LORA_VARIANTS[variant](*layer)
-    outputs, grads = [y], [grad_y]
-    if kl is not None:
-        outputs.append(kl)
-        grads.append(torch.ones_like(kl))
-    if variant == "F.linear":  # the frozen base has no parameter: backpropagate to x only
-        torch.autograd.backward(outputs, grads, inputs=[layer[0]])
-    else:
-        torch.autograd.backward(outputs, grads)
-    for tensor in layer:
-        tensor.grad = None
+def lora_forward_backward(variant, layer, grad_y) -> dict:
+    """One training step of the LoRA layer (``training_step``)."""
+    inputs = [layer[0]] if variant == "F.linear" else None  # the frozen base has no parameter: to x only
+    return training_step(LORA_VARIANTS[variant], layer, LORA_LAYER_NAMES, grad_y, inputs=inputs)
 
 
 def lora_saved_bytes(variant, layer) -> int:

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bnn_kernels as bk  # noqa: E402
 from layers import (CPU_LINEAR_SHAPES, FORCED_TRITON_VARIANTS, SD15_LINEAR_SHAPES, forward_backward,  # noqa: E402
                     make_layer, saved_bytes)
-from ratios import Case, run_ratio_table  # noqa: E402
+from ratios import Case, errors_against_oracle, run_ratio_table  # noqa: E402
 
 BASE_VARIANTS = ["F.linear", "paper-style", "fused-reparam", "fused-lrt"]
 RATIOS = {  # name: (numerator, denominator); the forced triton variants only where they are timed
@@ -42,13 +42,16 @@ def make_case(shape, dtype, device) -> Case:
     layer = make_layer(m, n, k, dtype, device)
     grad_y = torch.randn(m, n, device=device, dtype=dtype)
     return Case(step=lambda variant: forward_backward(variant, *layer, grad_y),
-                saved=lambda variant: saved_bytes(variant, *layer), record={"m": m, "n": n, "k": k})
+                saved=lambda variant: saved_bytes(variant, *layer), record={"m": m, "n": n, "k": k},
+                check=lambda names: errors_against_oracle(lambda v, ts, g: forward_backward(v, *ts, g), layer,
+                                                          grad_y, names))
 
 
 def main(argv=None) -> dict:
     return run_ratio_table(argv, description=__doc__.splitlines()[0], gpu_shapes=SD15_LINEAR_SHAPES,
                            cpu_shapes=CPU_LINEAR_SHAPES, variants=variants, make_case=make_case, ratios=RATIOS,
-                           saved_unit="MiB", saved_variants=("paper-style", "fused-reparam", "fused-lrt"))
+                           saved_unit="MiB", saved_variants=("paper-style", "fused-reparam", "fused-lrt"),
+                           checked=("fused-reparam", "fused-lrt", *FORCED_TRITON_VARIANTS))
 
 
 if __name__ == "__main__":

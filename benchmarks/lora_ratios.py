@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from layers import (CPU_LORA_SHAPES, LORA_RANK, LORA_VARIANTS, SD15_LORA_SHAPES, lora_forward_backward,  # noqa: E402
                     lora_saved_bytes, make_lora_layer)
-from ratios import Case, run_ratio_table  # noqa: E402
+from ratios import Case, errors_against_oracle, run_ratio_table  # noqa: E402
 
 RATIOS = {  # name: (numerator, denominator)
     "reparam_over_peft": ("fused-lora-reparam", "peft-lora"),
@@ -36,7 +36,8 @@ def make_case(shape, dtype, device) -> Case:
     layer = make_lora_layer(m, n, k, dtype, device)
     grad_y = torch.randn(m, n, device=device, dtype=dtype)
     return Case(step=lambda variant: lora_forward_backward(variant, layer, grad_y),
-                saved=lambda variant: lora_saved_bytes(variant, layer), record={"m": m, "n": n, "k": k})
+                saved=lambda variant: lora_saved_bytes(variant, layer), record={"m": m, "n": n, "k": k},
+                check=lambda names: errors_against_oracle(lora_forward_backward, layer, grad_y, names))
 
 
 def main(argv=None) -> dict:
@@ -44,7 +45,7 @@ def main(argv=None) -> dict:
                            cpu_shapes=CPU_LORA_SHAPES, variants=lambda device: list(LORA_VARIANTS),
                            make_case=make_case, ratios=RATIOS, saved_unit="KiB",
                            saved_variants=("peft-lora", "paper-lora", "fused-lora-reparam", "fused-lora-lrt"),
-                           info={"rank": LORA_RANK})
+                           info={"rank": LORA_RANK}, checked=("fused-lora-reparam", "fused-lora-lrt"))
 
 
 if __name__ == "__main__":

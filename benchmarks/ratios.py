@@ -75,18 +75,51 @@ def time_variants(step, device, repeats: int, warmup: int, variants) -> dict:
 
 class Case(NamedTuple):
     """One shape of a table: ``step(variant)`` runs a fwd+bwd step, ``saved(variant)`` gives the bytes autograd
-    keeps for backward, ``record`` the shape's fields written to the JSON."""
+    keeps for backward, ``record`` the shape's fields written to the JSON; ``check(variants)``, where given, the
+    errors of those variants against a float64 oracle (``errors_against_oracle``)."""
     step: Callable[[str], object]
     saved: Callable[[str], int]
     record: dict
+    check: Optional[Callable[[list], dict]] = None
+
+
+def _relative_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
+    scale = oracle.abs().max().item()
+    error = (value.double() - oracle).abs().max().item()
+    return error / scale if scale > 0 else error
+
+
+def errors_against_oracle(step: Callable[[str, tuple, torch.Tensor], dict], layer: tuple, grad_y: torch.Tensor,
+                          variants: list) -> dict:
+    """Per variant and output (y, the KL, every gradient): [its error, plain torch's error] against a float64
+    oracle, each error max |value - oracle| / max |oracle|.  The variant runs as timed (after autotuning picked
+    its kernels' configs); the oracle is the same call on the reference backend with float64 copies of the inputs
+    (the same seed: the same noise); plain torch is the reference backend in the benchmark's own dtypes, the
+    precision to judge the variant by (the tests' rule: at most about twice its error).  ``step(variant, layer,
+    grad_y)`` returns the step's tensors by name."""
+    def as_float64(tensor):
+        return tensor.detach().double().requires_grad_(tensor.requires_grad)
+
+    layer64 = tuple(as_float64(t) for t in layer)
+    errors = {}
+    for variant in variants:
+        with bk.use_backend("reference"):
+            oracle = step(variant, layer64, grad_y.double())
+            plain = step(variant, layer, grad_y)
+        measured = step(variant, layer, grad_y)
+        errors[variant] = {name: [_relative_error(measured[name], value), _relative_error(plain[name], value)]
+                           for name, value in oracle.items() if value is not None}
+    return errors
 
 
 def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dict,
                     variants: Callable[[torch.device], list], make_case: Callable[..., Case], ratios: dict,
-                    saved_unit: str, saved_variants: tuple, info: Optional[dict] = None) -> dict:
+                    saved_unit: str, saved_variants: tuple, info: Optional[dict] = None,
+                    checked: tuple = ()) -> dict:
     """Time every variant on every shape (``make_case(shape, dtype, device)``), print one table row per shape and
     return (and with ``--json``, write) the results.  ``ratios`` maps a name to (numerator, denominator) variants;
-    a ratio whose variants are not timed here is left out.  ``info``: extra run-wide fields (printed and written)."""
+    a ratio whose variants are not timed here is left out.  ``info``: extra run-wide fields (printed and written).
+    ``checked``: the variants whose results are compared with the float64 oracle (``Case.check``) per shape."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 20 GPU, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -115,6 +148,12 @@ def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dic
         saved = {variant: case.saved(variant) for variant in timed}
         shape_ratios = {ratio: seconds[top] / seconds[bottom] for ratio, (top, bottom) in ratios.items()}
         results["shapes"][name] = {**case.record, "seconds": seconds, "saved_bytes": saved, "ratios": shape_ratios}
+        if case.check is not None:  # after the timing: the kernels' configs are the ones autotune picked
+            errors = case.check([v for v in timed if v in checked])
+            results["shapes"][name]["errors_vs_float64"] = errors
+            print(f"{'':>{name_width}}  max relative error vs float64 (plain torch in {dtype}): " + "  ".join(
+                f"{variant} {max(e[0] for e in values.values()):.2g} ({max(e[1] for e in values.values()):.2g})"
+                for variant, values in errors.items()))
         amounts = "/".join(f"{saved[v] / divisor:.{decimals}f}" for v in saved_variants)
         print(f"{name:>{name_width}}  "
               + "  ".join(f"{1e3 * seconds[v]:>{len(c)}.3f}" for v, c in zip(timed, columns)) + "  "

@@ -43,6 +43,11 @@ def test_selected_stage_runs_and_writes_its_json(tmp_path):
     assert environment["settings"]["SUITE_STAGES"] == "linear-ratios"
     ratios = json.loads((tmp_path / "linear_ratios.json").read_text())
     assert ratios["shapes"] and all(shape["ratios"] for shape in ratios["shapes"].values())
+    for shape in ratios["shapes"].values():  # float32 on CPU: the fused ops agree with the float64 oracle
+        errors = shape["errors_vs_float64"]
+        assert set(errors) == {"fused-reparam", "fused-lrt"}
+        assert {"y", "kl", "dx", "dmu", "drho", "dbias"} <= set(errors["fused-lrt"])
+        assert all(ours < 1e-5 and plain < 1e-5 for outputs in errors.values() for ours, plain in outputs.values())
     assert "no GPU: nothing copied" in done.stdout
 
 
