@@ -163,7 +163,8 @@ fi
 
 echo "== environment"
 timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
-timeout 120 $python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+timeout 120 $python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+  'triton', triton.__version__)"
 
 stage build 150 $python -m pip install --no-build-isolation --no-deps --no-index -e .
 timeout 120 $python -c "import bnn_kernels as bk; print('backends', bk.backends())" || status=1
