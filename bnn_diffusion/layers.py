@@ -108,7 +108,8 @@ class BayesianModule(nn.Module):
     * ``kl()``: the same KL computed directly from the current parameters (one pass over them).
     * ``mu`` / ``rho`` / ``prior_mu``: the Bayesian tensor's posterior mean, sigma parameter and prior mean (None
       means 0); ``sigma`` = s(rho).
-    * ``to_plain()``: a plain deterministic module holding the posterior mean (``bnn_diffusion.merge``).
+    * ``to_plain()``: a plain deterministic module holding the posterior mean (``bnn_diffusion.merge``): the
+      module ``patch`` replaced, handed over for good (a later ``restore`` makes a new one), or a new one.
     * ``restore()``: the original module with the pretrained weights (``bnn_diffusion.unpatch``).
     * ``keep_original(module)``: called by ``patch`` with the module being replaced, so that ``restore`` can hand
       that very object back; its weights are not kept alive (they live on in this module).
@@ -219,11 +220,11 @@ class BayesianModule(nn.Module):
             module.bias = nn.Parameter(bias.detach().to("meta"), requires_grad=False)
         self.__dict__["_original"] = module
 
-    def _restored(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
+    def _restored(self, weight: torch.Tensor, bias: Optional[torch.Tensor], requires_grad=None) -> nn.Module:
         """The kept original module (or a new plain one) holding ``weight`` / ``bias`` (shared, not copied) with
-        the ``requires_grad`` flags it had before patching."""
+        the ``requires_grad`` flags it had before patching, or ``requires_grad`` (a pair) if given."""
         original = self.__dict__.get("_original")
-        grads = self.__dict__.get("_original_requires_grad", (True, True))
+        grads = requires_grad or self.__dict__.get("_original_requires_grad", (True, True))
         if original is None:
             original = self._plain_layer("meta", weight.dtype, bias is not None)
         original.weight = nn.Parameter(weight.detach(), requires_grad=grads[0])
@@ -231,6 +232,13 @@ class BayesianModule(nn.Module):
             original.bias = nn.Parameter(bias.detach(), requires_grad=grads[1])
         original.train(self.training)
         return original
+
+    def _merged(self, weight: torch.Tensor, bias: Optional[torch.Tensor], requires_grad) -> nn.Module:
+        """``_restored`` with the merged ``weight``, handing the kept original over for good: a later ``restore``
+        builds a new layer instead of overwriting the merged one's weights."""
+        merged = self._restored(weight, bias, requires_grad)
+        self.__dict__.pop("_original", None)
+        return merged
 
     @classmethod
     def _pretrained_weight(cls, module: nn.Module) -> torch.Tensor:
@@ -452,8 +460,13 @@ class _FullRank(BayesianModule):
         return self._plain_with(mu, bias, flags)
 
     def to_plain(self) -> nn.Module:
-        """A plain layer holding the posterior mean and the bias (sharing this module's storage)."""
-        return self._plain_copy(copy=False)
+        """A plain layer holding the posterior mean and the bias (sharing this module's storage, with their
+        ``requires_grad`` flags): the module ``bnn_diffusion.patch`` replaced (its class, hooks and attributes
+        kept) when there is one, otherwise a new one."""
+        mu = self.weight_mu.detach()
+        bias = None if self.bias is None else self.bias.detach()
+        return self._merged(mu, bias, (self.weight_mu.requires_grad,
+                                       self.bias is not None and self.bias.requires_grad))
 
     def restore(self) -> nn.Module:
         """The layer with the pretrained weight and bias (from ``prior_mu`` / ``prior_bias``, in mu's dtype; no copy
@@ -644,8 +657,10 @@ class _LoRA(BayesianModule):
             return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
 
     def to_plain(self) -> nn.Module:
-        """A plain layer holding ``merged_weight()`` and the bias (shared); frozen as the base was."""
-        return self._plain_with(self.merged_weight(), self.bias, (False, False))
+        """A plain layer holding ``merged_weight()`` and the bias (shared), frozen as the base was: the module
+        ``bnn_diffusion.patch`` replaced (its class, hooks and attributes kept) when there is one, otherwise a new
+        one."""
+        return self._merged(self.merged_weight(), self.bias, (False, False))
 
     def restore(self) -> nn.Module:
         """The layer with the pretrained weight and bias (this module's frozen tensors, not copied): the very module

@@ -386,8 +386,9 @@ def kl_loss(model: nn.Module) -> torch.Tensor:
 
 
 def merge(model: nn.Module) -> list:
-    """Replace every Bayesian module by a plain ``nn.Linear`` / ``nn.Conv2d`` holding the posterior mean, in place;
-    returns the qualified names replaced.  Full-rank layers: the mean and bias (sharing their storage, no copy);
+    """Replace every Bayesian module by a plain ``nn.Linear`` / ``nn.Conv2d`` holding the posterior mean, in place
+    (the very module ``patch`` replaced, its hooks and attributes kept, where there is one); returns the qualified
+    names replaced.  Full-rank layers: the mean and bias (sharing their storage, no copy);
     LoRA layers: the base weight + scale * B @ A with the factors' means (a new tensor).  The merged model has the
     parameters and outputs of an unpatched model with those weights: zero inference cost.  The priors and sigmas
     are dropped."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -60,9 +61,11 @@ PRECISIONS = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_FILE = "trainable_parameters.safetensors"
 STATE_FILE = "training_state.json"
+CONFIG_FILE = "training_config.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# What must match between a checkpoint and the run resuming it: the trainable parameter set and the batch stream.
+# Flags that must match between a checkpoint and the run resuming it (the trainable parameter set and the batch
+# stream); _resume_config adds the process count and the base model's and images' fingerprints.
 RESUME_KEYS = ("method", "preset", "rank", "sigma_param", "estimator", "prior_dtype", "train_batch_size",
                "gradient_accumulation_steps", "with_prior_preservation", "resolution", "center_crop",
                "num_processes")
@@ -803,10 +806,37 @@ class TrainResult:
     bayesian_layers: list = field(default_factory=list)
 
 
-def _resume_config(args: argparse.Namespace, num_processes: int) -> dict:
+def _resume_config(args: argparse.Namespace, num_processes: int, base_unet: str, instance_images: str,
+                   class_images: Optional[str]) -> dict:
+    """What a checkpoint records and a resume must match: the flags of RESUME_KEYS, the process count, and
+    fingerprints of the base UNet's weights and of the image lists (the batch stream indexes the images)."""
     config = {key: getattr(args, key) for key in RESUME_KEYS if key != "num_processes"}
     config["num_processes"] = num_processes
+    config.update(base_unet=base_unet, instance_images=instance_images, class_images=class_images)
     return config
+
+
+def weights_fingerprint(model: torch.nn.Module, samples: int = 16) -> str:
+    """A short hash of ``model``'s state: names, shapes, dtypes and ``samples`` + 1 evenly spaced values of each
+    tensor.  Cheap (no pass over the weights) and unchanged when the checkpoint folder moves; two checkpoints
+    that differ anywhere but between the sampled values of every tensor give different fingerprints."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        picked = flat[::max(1, flat.numel() // samples)].to("cpu", torch.float64)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype};".encode())
+        digest.update(picked.numpy().tobytes())
+    return "weights " + digest.hexdigest()[:16]
+
+
+def images_fingerprint(images: Optional[list]) -> Optional[str]:
+    """The count and a hash of the names and sizes of ``images`` (None for no list)."""
+    if images is None:
+        return None
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{Path(image).name}\0{Path(image).stat().st_size}\0".encode())
+    return f"{len(images)} files {digest.hexdigest()[:16]}"
 
 
 def _start_or_resume(accelerator, args: argparse.Namespace, checkpoint: Optional[Path], config: dict) -> tuple:
@@ -821,13 +851,31 @@ def _start_or_resume(accelerator, args: argparse.Namespace, checkpoint: Optional
             broadcast_object_list(seed)
         return 0, int(seed[0])
     state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+    recorded = state["config"]
+    unrecorded = [key for key in config if key not in recorded]  # a checkpoint of an earlier version of the trainer
+    if unrecorded:
+        logger.warning("%s does not record %s: not checked", checkpoint, ", ".join(unrecorded))
+    changed = {k: (recorded[k], v) for k, v in config.items() if k in recorded and recorded[k] != v}
     if changed:
         raise UsageError(f"--resume_from_checkpoint {str(checkpoint)!r} was written with other settings: "
                          + ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
     accelerator.load_state(str(checkpoint))
     accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
     return int(state["global_step"]), int(state["data_seed"])
+
+
+def _earlier_runs(path: Path) -> list:
+    """The runs recorded in the ``training_config.json`` a resumed run replaces, oldest first (each without its
+    own history), so that a resume with other flags (a longer schedule, another learning rate) loses none."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        logger.warning("cannot read %s (%s): its record of the earlier runs is dropped", path, error)
+        return []
+    earlier = previous.pop("earlier_runs", [])
+    return [*earlier, previous] if isinstance(earlier, list) else [previous]
 
 
 def _diffusion_target(scheduler, latents, noise, timesteps):
@@ -945,6 +993,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     for frozen in (components.vae, components.text_encoder):  # inference only: in the autocast dtype
         frozen.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     unet = components.unet
+    base_fingerprint = weights_fingerprint(unet)  # before any layer is replaced
     bayesian_layers = prepare_unet(unet, args)
     if args.method == "lora":  # as diffusers' LoRA scripts: only the factors are trained and exported
         frozen_parameters_to(unet, weight_dtype)
@@ -975,7 +1024,8 @@ def train(args: argparse.Namespace) -> TrainResult:
     base_unet = accelerator.unwrap_model(unet)
     _register_checkpoint_hooks(accelerator, base_unet)
 
-    config = _resume_config(args, accelerator.num_processes)
+    config = _resume_config(args, accelerator.num_processes, base_fingerprint, images_fingerprint(instance_images),
+                            images_fingerprint(class_images))
     global_step, data_seed = _start_or_resume(accelerator, args, resume_from, config)
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     metrics.start(global_step)
@@ -990,10 +1040,13 @@ def train(args: argparse.Namespace) -> TrainResult:
     batches = iter(loader)
 
     if accelerator.is_main_process:
-        _write_json_atomic({"args": vars(args), "bayesian_layers": bayesian_layers,
-                            "trainable_parameters": sum(t.numel() for t in trainable.values()),
-                            "data_seed": data_seed, "num_processes": accelerator.num_processes},
-                           output_dir / "training_config.json")
+        run_config = {"args": vars(args), "bayesian_layers": bayesian_layers,
+                      "trainable_parameters": sum(t.numel() for t in trainable.values()),
+                      "data_seed": data_seed, "num_processes": accelerator.num_processes, "checks": config}
+        if resume_from is not None:
+            run_config.update(resumed_from=resume_from.name, resumed_at_step=global_step,
+                              earlier_runs=_earlier_runs(output_dir / CONFIG_FILE))
+        _write_json_atomic(run_config, output_dir / CONFIG_FILE)
     accelerator.print(
         f"finetune: method {args.method}, preset {args.preset}, {len(bayesian_layers)} Bayesian layers, "
         f"{sum(t.numel() for t in trainable.values()):,} trainable parameters, {len(instance_images)} instance "

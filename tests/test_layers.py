@@ -233,7 +233,21 @@ def test_lora_eval_at_init_is_the_base_layer():
         assert torch.equal(layer(x), base(x))
 
 
-def test_lora_merge_folds_the_update_and_restore_hands_the_base_back():
+def test_lora_restore_hands_the_base_back():
+    for base, layer, x in lora_layers():
+        pretrained = base.weight.detach().clone()
+        expected_base = base(x)
+        layer.keep_original(base)
+        perturb_factors(layer)
+        restored = layer.restore()
+        assert restored is base and restored.weight.data_ptr() == layer.weight.data_ptr()
+        assert restored.weight.requires_grad and restored.bias.requires_grad
+        assert torch.equal(restored.weight, pretrained) and torch.equal(restored(x), expected_base)
+
+
+def test_lora_merge_folds_the_update_into_the_base_module_handed_over_for_good():
+    """to_plain gives the very module patch replaced, holding the merged weight; a later restore builds a new
+    layer with the pretrained weight rather than overwriting the merged one's."""
     for base, layer, x in lora_layers():
         pretrained = base.weight.detach().clone()
         expected_base = base(x)
@@ -242,15 +256,15 @@ def test_lora_merge_folds_the_update_and_restore_hands_the_base_back():
         layer.eval()
         mean = layer(x)
         plain = layer.to_plain()
-        assert type(plain) is type(base) and not plain.weight.requires_grad
+        assert plain is base and not plain.weight.requires_grad
         assert plain.bias.data_ptr() == layer.bias.data_ptr()
         torch.testing.assert_close(plain(x), mean, atol=1e-6, rtol=1e-5)
         delta = plain.weight - pretrained
         assert torch.linalg.matrix_rank(delta.reshape(delta.shape[0], -1)) == layer.rank
         restored = layer.restore()
-        assert restored is base and restored.weight.data_ptr() == layer.weight.data_ptr()
-        assert restored.weight.requires_grad and restored.bias.requires_grad
-        assert torch.equal(restored.weight, pretrained) and torch.equal(restored(x), expected_base)
+        assert restored is not plain and type(restored) is type(base)
+        assert torch.equal(restored(x), expected_base)
+        torch.testing.assert_close(plain(x), mean, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bayes", ["A", "B"])

@@ -502,6 +502,25 @@ def test_merge_gives_a_plain_model_with_the_posterior_means(kind, preset):
         assert_same(run(pristine.eval(), inputs), expected)
 
 
+@pytest.mark.parametrize("preset", ["paper-dreambooth", "paper-lora"])
+def test_merge_hands_back_the_very_modules_patch_replaced(preset):
+    """A forward hook registered before patching (and any attribute set on the module) works again after merge:
+    the merged model's layers are the original module objects, holding the posterior means."""
+    model, inputs = build("unet")
+    originals = dict(model.named_modules())
+    calls = []
+    for module in originals.values():
+        if type(module) in (nn.Linear, nn.Conv2d):
+            module.register_forward_hook(lambda module, args, output: calls.append(module))
+    names = bd.patch(model, preset)
+    perturb_posterior(model)
+    bd.merge(model)
+    assert all(model.get_submodule(name) is originals[name] for name in names)
+    with torch.no_grad():
+        run(model.eval(), inputs)
+    assert {id(module) for module in calls} >= {id(originals[name]) for name in names}
+
+
 UNPATCH_CASES = ([(kind, "all-linear") for kind in MODELS]
                  + [("unet", "paper-lora"), ("flux", "bayes-lora"), ("dit", "all"), ("sd3", "all")])
 

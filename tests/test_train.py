@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import logging
 import runpy
 import shutil
 import sys
@@ -169,7 +170,8 @@ def test_full_run_output_is_a_whole_pipeline(full_run, tiny_sd):
 
 def test_resume_continues_the_same_loss_curve(full_run, tiny_sd, tmp_path):
     """A run interrupted after its step-2 checkpoint and resumed with `latest` gives the uninterrupted run's
-    records for steps 3 and 4 and the same final weights (the later records of the interrupted run are dropped)."""
+    records for steps 3 and 4 and the same final weights (the later records of the interrupted run are dropped),
+    also with the base model moved to another folder; training_config.json keeps the interrupted run's record."""
     output_dir, _ = full_run
     resumed = tmp_path / "out"
     shutil.copytree(output_dir, resumed)
@@ -178,9 +180,15 @@ def test_resume_continues_the_same_loss_curve(full_run, tiny_sd, tmp_path):
     with open(resumed / "metrics.jsonl", "a") as handle:  # a record the interrupted run wrote after its checkpoint
         handle.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
         handle.write('{"step": 4, "lo')  # and a line cut off when it was killed mid-write
-    _run(tiny_sd, resumed, "--max_train_steps", "4", "--method", "full", "--preset", "paper-dreambooth",
+    moved = (shutil.copytree(tiny_sd[0], tmp_path / "moved-model"), tiny_sd[1])
+    _run(moved, resumed, "--max_train_steps", "4", "--method", "full", "--preset", "paper-dreambooth",
          "--kl_weight", "1e-3", "--cep", "gaussian", "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest")
     expected, got = _records(output_dir), _records(resumed)
+    config = json.loads((resumed / "training_config.json").read_text())
+    assert (config["resumed_from"], config["resumed_at_step"]) == ("checkpoint-2", 2)
+    assert [run["args"]["pretrained_model_name_or_path"] for run in config["earlier_runs"]] == [str(tiny_sd[0])]
+    assert config["args"]["pretrained_model_name_or_path"] == str(moved[0])
+    assert config["checks"]["base_unet"] == config["earlier_runs"][0]["checks"]["base_unet"]
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for want, have in zip(expected, got):
         for key in RECORD_KEYS:
@@ -465,6 +473,46 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(full_run, tiny_sd,
         trainer.main(_argv(tiny_sd, other, "--preset", "none", "--resume_from_checkpoint", "latest"))
     with pytest.raises(SystemExit, match=r"is not a checkpoint of this trainer"):
         trainer.main(_argv(tiny_sd, other, "--resume_from_checkpoint", str(tmp_path)))
+
+
+def test_resume_refuses_another_base_model_or_other_images(full_run, tiny_sd, tmp_path, caplog):
+    """The checkpoint's trainable state belongs to its base UNet, and the batch stream indexes its image list: a
+    resume with other base weights, or with images added or replaced, is refused, naming what changed; a
+    checkpoint that records neither is resumed with a warning."""
+    output_dir, _ = full_run
+    other = tmp_path / "out"
+    shutil.copytree(output_dir / "checkpoint-2", other / "checkpoint-2")
+    flags = ("--method", "full", "--preset", "paper-dreambooth", "--resume_from_checkpoint", "latest")
+    retrained = tiny_pipeline.write_tiny_pipeline(tmp_path / "other-model", seed=1)
+    with pytest.raises(SystemExit, match=r"other settings: base_unet 'weights [0-9a-f]{16}' \(now 'weights "):
+        trainer.main(_argv((retrained, tiny_sd[1]), other, *flags))
+    more = shutil.copytree(tiny_sd[1], tmp_path / "more-images")
+    shutil.copy(more / sorted(p.name for p in more.iterdir())[0], more / "zz-copy.png")
+    with pytest.raises(SystemExit, match=r"other settings: instance_images '3 files [0-9a-f]{16}' \(now '4 files "):
+        trainer.main(_argv((tiny_sd[0], more), other, *flags))
+    replaced = shutil.copytree(tiny_sd[1], tmp_path / "replaced-images")
+    first = sorted(replaced.iterdir())[0]
+    tiny_pipeline.write_instance_images(tmp_path / "fresh", count=4, size=20)
+    shutil.copy(sorted((tmp_path / "fresh").iterdir())[-1], first)
+    with pytest.raises(SystemExit, match=r"other settings: instance_images '3 files [0-9a-f]{16}' \(now '3 files "):
+        trainer.main(_argv((tiny_sd[0], replaced), other, *flags))
+    state_file = other / "checkpoint-2" / trainer.STATE_FILE  # as an earlier version of the trainer wrote it
+    state = json.loads(state_file.read_text())
+    for key in ("base_unet", "instance_images", "class_images"):
+        del state["config"][key]
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger=trainer.__name__):
+        assert trainer.main(_argv((retrained, more), other, *flags)) == 0  # step 2 of 2: nothing left to train
+    assert "does not record base_unet, instance_images, class_images: not checked" in caplog.text
+
+
+def test_weights_fingerprint_sees_one_changed_value_at_a_sampled_place():
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.LayerNorm(30))
+    before = trainer.weights_fingerprint(model)
+    assert trainer.weights_fingerprint(model) == before and before.startswith("weights ")
+    with torch.no_grad():
+        model[0].weight.view(-1)[0] += 1e-6
+    assert trainer.weights_fingerprint(model) != before
 
 
 def test_checkpoints_of_another_run_are_refused_not_mixed_in(full_run, tiny_sd, tmp_path):
