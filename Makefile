@@ -47,8 +47,10 @@ bench: install
 		--benchmark-json=benchmarks/results/cpu-microbench.json
 
 demo: install
-	TRITON_INTERPRET=1 $(BIN)/python -m bnn_diffusion.study --out study --preset quick
-	@echo "The study's report: study/report.md (figures study/*.png, every number in study/study-quick.json)"
+	TRITON_INTERPRET=1 $(BIN)/python -m bnn_diffusion.study --out study --preset quick \
+		--json benchmarks/results/study-quick.json
+	@echo "The study's report: study/report.md (figures study/*.png, every number in study/study-quick.json" \
+		"and benchmarks/results/study-quick.json)"
 
 check-gpu-image:
 	bash benchmarks/gpu_image_check.sh

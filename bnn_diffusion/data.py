@@ -189,5 +189,5 @@ class BatchStream(torch.utils.data.Sampler):
 
 def count_images(directory) -> int:
     """Number of image files in ``directory`` (0 when it does not exist)."""
-    return len([p for p in Path(directory).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]) \
+    return len([p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]) \
         if os.path.isdir(directory) else 0

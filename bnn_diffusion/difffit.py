@@ -77,7 +77,9 @@ class ScaledLinear(nn.Module):
     """A linear layer whose output is scaled per channel: ``y = gamma * (x @ weight.T + bias)``.
 
     ``weight`` and ``bias`` are the wrapped ``nn.Linear``'s own parameters (shared, not copied); ``gamma``
-    (out_features,) starts at 1.0, in the weight's dtype.  ``to_linear()`` folds gamma into a plain ``nn.Linear``
+    (out_features,) starts at 1.0, in float32 over a 16-bit weight (bfloat16 steps by 2^-7 at 1.0: an update of
+    Adam's learning rate would round away), else in the weight's dtype; a later ``model.to(dtype)`` casts it
+    with the rest.  ``to_linear()`` folds gamma into a plain ``nn.Linear``
     (the very module that was wrapped, with new parameters).  State-dict keys: ``weight``, ``bias`` (as the wrapped
     layer), ``gamma``.
     """
@@ -91,7 +93,7 @@ class ScaledLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.gamma = nn.Parameter(torch.ones(linear.out_features, device=linear.weight.device,
-                                             dtype=linear.weight.dtype))
+                                             dtype=torch.promote_types(linear.weight.dtype, torch.float32)))
         self.__dict__["_original"] = linear  # not a submodule: handed back by to_linear
         self.train(linear.training)
 

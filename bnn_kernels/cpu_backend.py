@@ -1,7 +1,8 @@
 """The ``cpu`` backend: the C++/OpenMP operators of ``bnn_kernels._C`` (csrc/), called as ``torch.ops.bnn_cpu.*``.
 
 Follows the conventions of ``bnn_kernels.registry``.  The operators work one block of weight rows (of output
-channels, for conv) at a time (eps and the weight sample exist only for one block, then are dropped), draw the same
+channels, for conv) at a time (eps and the weight sample exist only for one block of 64-256 rows, then are dropped;
+a small weight is one block), draw the same
 Philox normals as ``bnn_kernels.rng`` and compute the KL and its gradient inside the linear / conv op.  Usable when
 the extension was built (``pip install --no-build-isolation .`` or ``-e .``).
 """

@@ -280,21 +280,20 @@ def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_mu: Optional[torch.Te
     _check_finite(mu=mu, rho=rho)
     backend = registry.select(mu.device)
     _check_backend_dtypes(backend, mu=mu, prior_mu=prior_mu)
+    # The KL is a sum over elements, so any order serves that pairs mu, rho and prior_mu element by element: in
+    # mu's memory order, three tensors laid out alike (contiguous, channels_last, transposed) flatten to views,
+    # and the backends read them without a copy.  Otherwise they go in as they are, and the backends copy them
+    # for the call only; a copy made here would be what autograd keeps, weight-sized.
     order = _memory_order(mu)
-    return _gaussian_kl_op(_flat_in_order(mu, order), _flat_in_order(rho, order), _flat_in_order(prior_mu, order),
-                           prior_sigma, sigma_param, backend)
+    tensors = (mu, rho, prior_mu)
+    if all(t is None or t.permute(order).is_contiguous() for t in tensors):
+        tensors = tuple(None if t is None else t.permute(order).reshape(-1) for t in tensors)
+    return _gaussian_kl_op(*tensors, prior_sigma, sigma_param, backend)
 
 
 def _memory_order(tensor: torch.Tensor) -> list[int]:
     """tensor's dims from the largest stride to the smallest: permuted so, a dense tensor is contiguous."""
     return sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
-
-
-def _flat_in_order(tensor: Optional[torch.Tensor], order: list[int]) -> Optional[torch.Tensor]:
-    """tensor's elements in the memory order of mu (``order``), flattened: a view of a tensor laid out as mu (a
-    channels_last or transposed weight included), so autograd keeps no copy; a copy only for another layout.
-    The KL is a sum over elements, so any order serves that pairs mu, rho and prior_mu element by element."""
-    return None if tensor is None else tensor.permute(order).reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------------------------

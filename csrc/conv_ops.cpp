@@ -8,8 +8,9 @@
 // and run at::convolution for y[:, block]; then drop it.  Backward regenerates the same blocks and runs
 // at::convolution_backward once per block: dx[:, block's input channels] += its input gradient, and an elementwise
 // epilogue turns its weight gradient G into dmu / drho with the KL gradient.  lrt: the mean and variance convolutions
-// run per block (sigma^2 formed per block), the output noise is drawn in the output epilogue.  No weight-sized
-// temporary (eps, weight sample, sigma^2) is allocated: only the dmu / drho outputs have the weight's size.  The
+// run per block (sigma^2 formed per block), the output noise is drawn in the output epilogue.  eps, the weight
+// sample and sigma^2 exist for one block at a time (a small kernel is one block); the dmu / drho outputs have the
+// weight's size, and nothing weight-sized is kept for backward.  The
 // convolutions run in float32 (float64 for float64 inputs) on x's values and weights rounded to x's dtype.
 #include <ATen/ATen.h>
 
@@ -60,14 +61,6 @@ std::vector<ChannelBlock> channel_blocks(int64_t c_out, int64_t c_in, int64_t gr
     }
   }
   return blocks;
-}
-
-std::vector<int64_t> int_pair(at::IntArrayRef values, const char* op, const char* name, int64_t minimum) {
-  TORCH_CHECK(values.size() == 2, "bnn_cpu.", op, ": ", name, " must have 2 values, got ", values);
-  for (const int64_t v : values) {
-    TORCH_CHECK(v >= minimum, "bnn_cpu.", op, ": ", name, " values must be at least ", minimum, ", got ", values);
-  }
-  return values.vec();
 }
 
 ConvProblem make_problem(const char* op, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& rho,

@@ -4,7 +4,9 @@
 // (sigma_param, prior_mu present, ...) so that every loop vectorises.  It is instantiated twice: for float inside a
 // function the compiler clones per instruction set (x86-64-v4 / v3 / baseline, picked at load time), for double in
 // a plain function.  The drivers run the chunks in parallel.  Built with -ffp-contract=off, so every clone
-// computes the same bits.
+// computes the same elementwise bits; the KL sums (omp simd reductions) may be associated differently per
+// instruction set, so they agree across machines to rounding, and bit for bit on one machine whatever the
+// thread count (fixed chunks, summed in order).
 #include "kernels.h"
 
 #include <ATen/Parallel.h>

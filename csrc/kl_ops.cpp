@@ -23,7 +23,7 @@ FlatPosterior flatten(const at::Tensor& mu, const at::Tensor& rho, const c10::op
   FlatPosterior flat{mu.contiguous().view(-1), rho.contiguous().view(-1), at::Tensor()};
   if (prior_mu.has_value() && prior_mu->defined()) {
     check_cpu_float(*prior_mu, "prior_mu");
-    TORCH_CHECK(prior_mu->numel() == mu.numel(), "bnn_cpu.", op, ": prior_mu must have mu's shape ", mu.sizes(),
+    TORCH_CHECK(prior_mu->sizes() == mu.sizes(), "bnn_cpu.", op, ": prior_mu must have mu's shape ", mu.sizes(),
                 ", got ", prior_mu->sizes());
     flat.prior_mu = prior_mu->contiguous().view(-1);
   }

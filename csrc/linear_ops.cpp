@@ -4,8 +4,9 @@
 // round it to x's dtype and hand it to an ATen GEMM for y[:, block]; then drop it.  Backward regenerates the same
 // blocks: dx += g[:, block] @ W_block, G_block = g[:, block]^T @ x, and an elementwise epilogue writes dmu / drho
 // with the KL gradient.  lrt: the mean and variance GEMMs run per block (sigma^2 formed per block), the output
-// noise is drawn in the output epilogue.  No weight-sized temporary (eps, weight sample, sigma^2) is ever
-// allocated: only the dmu / drho outputs have the weight's size.  GEMMs accumulate in float32 (float64 for float64
+// noise is drawn in the output epilogue.  eps, the weight sample and sigma^2 exist for one block at a time
+// (64..256 rows, about 2**18 elements: block_rows in tensor_utils.h), so only a weight that small is ever held
+// whole; the dmu / drho outputs have the weight's size, and nothing weight-sized is kept for backward.  GEMMs accumulate in float32 (float64 for float64
 // inputs).
 #include <ATen/ATen.h>
 

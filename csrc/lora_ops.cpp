@@ -360,6 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_bwd(const Lo
                                                                         bool need_dx) {
   check_cpu_float(grad_y, "grad_y");
   check_cpu_float(h, "h");
+  if (aux.defined() && aux.numel()) check_cpu_float(aux, "aux");
   TORCH_CHECK(grad_kl.numel() == 1, "bnn_cpu: grad_kl must have one element, got shape ", grad_kl.sizes());
   TORCH_CHECK(!(p.bayes_a && p.estimator == Estimator::kLrt) || aux.sizes() == h.sizes(),
               "bnn_cpu: lrt with bayes 'A' needs aux (t's standard deviation) of h's shape ", h.sizes(), ", got ",
@@ -379,8 +380,9 @@ void check_linear_shapes(const LoRAProblem& p, const char* op) {
 
 Conv2dMaps conv_maps(const LoRAProblem& p, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                      const char* op) {
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "bnn_cpu.", op,
-              ": stride, padding and dilation must have two entries");
+  int_pair(stride, op, "stride", 1);
+  int_pair(padding, op, "padding", 0);
+  int_pair(dilation, op, "dilation", 1);
   TORCH_CHECK(p.x.dim() == 4 && p.weight.dim() == 4 && p.x.size(1) == p.weight.size(1), "bnn_cpu.", op,
               ": x (B, C, H, W) and weight (N, C, kh, kw) expected, got ", p.x.sizes(), " and ", p.weight.sizes());
   TORCH_CHECK(p.a.dim() == 4 && p.a.sizes().slice(1) == p.weight.sizes().slice(1) && p.b.dim() == 4 &&

@@ -40,7 +40,10 @@ struct PriorTerms {
   explicit PriorTerms(double prior_sigma, double grad_kl = 0.0)
       : inv_two_var(0.5 / (prior_sigma * prior_sigma)),
         inv_var(1.0 / (prior_sigma * prior_sigma)),
-        grad_scale(grad_kl) {}
+        grad_scale(grad_kl) {
+    TORCH_CHECK(prior_sigma > 0 && std::isfinite(prior_sigma) && std::isfinite(inv_var),
+                "bnn_cpu: prior_sigma must be a positive finite number, got ", prior_sigma);
+  }
 };
 
 // softplus(r) = max(r, 0) + log1p(exp(-|r|)): no overflow for large r, exact tail for very negative r.

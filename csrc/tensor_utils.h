@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 #include "philox.h"
@@ -16,6 +17,15 @@ inline void check_cpu_float(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, "bnn_cpu: ", name,
               " must be float32, float16, bfloat16 or float64, got ", s);
+}
+
+// A conv's stride / padding / dilation: two values, each at least `minimum`.
+inline std::vector<int64_t> int_pair(at::IntArrayRef values, const char* op, const char* name, int64_t minimum) {
+  TORCH_CHECK(values.size() == 2, "bnn_cpu.", op, ": ", name, " must have 2 values, got ", values);
+  for (const int64_t v : values) {
+    TORCH_CHECK(v >= minimum, "bnn_cpu.", op, ": ", name, " values must be at least ", minimum, ", got ", values);
+  }
+  return values.vec();
 }
 
 // The Philox key of a 0-dim int64 CPU seed tensor.

@@ -144,6 +144,21 @@ def test_scaled_linear_forward_merge_and_dtypes():
     torch.testing.assert_close(no_bias.to_linear()(x), out)
 
 
+def test_gamma_trains_over_a_bfloat16_layer():
+    """gamma is float32 over a bfloat16 weight: one Adam step of 5e-4 moves it (in bfloat16, 1.0 + 5e-4 is 1.0),
+    and the output keeps the layer's dtype."""
+    torch.manual_seed(0)
+    layer = ScaledLinear(nn.Linear(6, 5).to(torch.bfloat16))
+    assert layer.gamma.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    assert ScaledLinear(nn.Linear(6, 5).double()).gamma.dtype == torch.float64
+    optimizer = torch.optim.AdamW([layer.gamma], lr=5e-4, weight_decay=0)
+    y = layer(torch.randn(3, 6, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    optimizer.step()
+    assert (layer.gamma - 1).abs().min() > 4e-4
+
+
 def test_prepare_twice_keeps_the_gammas_and_training_under_autocast_works():
     model, inputs = build("dit")
     names = difffit.prepare(model)

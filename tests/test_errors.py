@@ -93,6 +93,34 @@ def test_bad_arguments_of_other_ops(call, error, words):
         call()
 
 
+def _cpu_ops():
+    pytest.importorskip("bnn_kernels._C")
+    return torch.ops.bnn_cpu
+
+
+def _lora_conv_bwd(stride):
+    x, weight = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    lora_a, lora_b, rho = torch.randn(2, 2, 3, 3), torch.randn(3, 2, 1, 1), torch.full((3, 2, 1, 1), -3.0)
+    h = torch.randn(1, 2, 3, 3)
+    return _cpu_ops().lora_conv2d_bwd(torch.randn(1, 3, 3, 3), torch.tensor(1.0), x, weight, lora_a, lora_b, rho,
+                                      torch.tensor(1), h, torch.empty(0), stride, [0, 0], [1, 1], 1.0, "B", 0.1,
+                                      "softplus", "reparam", True)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: _lora_conv_bwd([0, 0]), "stride values must be at least 1"),
+    (lambda: _cpu_ops().gaussian_kl_fwd(torch.randn(3), torch.randn(3), None, 0.0, "softplus"), "prior_sigma"),
+    (lambda: _cpu_ops().gaussian_kl_fwd(torch.randn(3, 4), torch.randn(3, 4), torch.randn(4, 3), 0.1, "softplus"),
+     "prior_mu must have mu's shape"),
+    (lambda: _cpu_ops().philox_normal(torch.tensor(1), 8, 2**63 - 4), "offset \\+ numel must be below 2\\*\\*63"),
+])
+def test_the_cpu_operators_check_their_arguments_when_called_directly(call, words):
+    """torch.ops.bnn_cpu.* are public: a bad argument that bypasses bnn_kernels' checks is an error, never a
+    crash (a stride of 0 used to divide by zero in lora_conv2d_bwd) or a silent NaN."""
+    with pytest.raises((RuntimeError, ValueError), match=words):  # TORCH_CHECK / TORCH_CHECK_VALUE
+        call()
+
+
 def test_debug_checks_catch_non_finite_values():
     good = _good()
     rho = good["rho"].clone()

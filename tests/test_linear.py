@@ -251,7 +251,8 @@ def test_triton_runs_the_reparam_variant_it_selects(monkeypatch, setting, rows, 
         monkeypatch.setattr(linear, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
     monkeypatch.setenv("BNN_TRITON_REPARAM", setting)
     m = linear.TRANSIENT_ABOVE_M + 1 if rows == "many" else 8
-    inputs = make_inputs((m,), 6, 16, torch.float32, torch.float32, device_for("triton"), "softplus")
+    # bfloat16 x: auto fuses it on every tensor-core GPU (float32 only with tf32) and in the interpreter
+    inputs = make_inputs((m,), 6, 16, torch.bfloat16, torch.float32, device_for("triton"), "softplus")
     check_against_oracle("triton", *inputs, 21, "softplus", "reparam")
     assert calls == (["transient_linear_fwd", "transient_linear_bwd"] if expected == "transient" else [])
 
@@ -290,6 +291,26 @@ def test_triton_reparam_auto_takes_cublas_where_dots_have_no_tensor_cores(monkey
 
 
 @needs_triton
+def test_triton_auto_takes_cublas_for_float32_without_tf32(monkeypatch):
+    """With torch's default allow_tf32=False a float32 tl.dot is an FMA loop even on sm_90: auto runs the cuBLAS
+    variants for float32 x there (16-bit x keeps the fused kernels); the interpreter keeps the fused ones."""
+    from bnn_kernels.triton import common, linear
+    monkeypatch.delenv("BNN_TRITON_REPARAM", raising=False)
+    monkeypatch.delenv("BNN_TRITON_LRT", raising=False)
+    monkeypatch.setattr(common, "dot_precision", lambda: "ieee")  # torch.backends.cuda.matmul.allow_tf32 False
+    assert (linear.reparam_variant(8, None, torch.float32), linear.lrt_variant(None, torch.float32)) == \
+        ("fused", "fused")
+    monkeypatch.setattr(common, "_capture_arch", 90)
+    assert (linear.reparam_variant(8, None, torch.float32), linear.lrt_variant(None, torch.float32)) == \
+        ("transient", "composition")
+    for dtype in (torch.bfloat16, torch.float16):
+        assert (linear.reparam_variant(8, None, dtype), linear.lrt_variant(None, dtype)) == ("fused", "fused")
+    monkeypatch.setattr(common, "dot_precision", lambda: "tf32")
+    assert (linear.reparam_variant(8, None, torch.float32), linear.lrt_variant(None, torch.float32)) == \
+        ("fused", "fused")
+
+
+@needs_triton
 @pytest.mark.parametrize("setting, arch, expected", [("auto", None, "fused"), ("auto", 75, "composition"),
                                                      ("composition", None, "composition"), ("fused", 75, "fused")])
 def test_triton_runs_the_lrt_variant_it_selects(monkeypatch, setting, arch, expected):
@@ -302,6 +323,6 @@ def test_triton_runs_the_lrt_variant_it_selects(monkeypatch, setting, arch, expe
         monkeypatch.setattr(linear, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
     monkeypatch.setenv("BNN_TRITON_LRT", setting)
     monkeypatch.setattr(common, "_capture_arch", arch)
-    inputs = make_inputs((9,), 6, 16, torch.float32, torch.float32, device_for("triton"), "softplus")
+    inputs = make_inputs((9,), 6, 16, torch.bfloat16, torch.float32, device_for("triton"), "softplus")  # as above
     check_against_oracle("triton", *inputs, 21, "softplus", "lrt")
     assert calls == (["lrt_fwd", "lrt_bwd"] if expected == "composition" else [])

@@ -386,6 +386,39 @@ def test_a_bad_triton_lora_setting_is_refused(monkeypatch):
         triton_lora.lora_variant(4, torch.bfloat16)
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+@pytest.mark.parametrize("bayes", ["A", "B"])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_composition_in_x_dtype_matches_float32_to_its_rounding(layer, estimator, bayes, x_dtype):
+    """The triton backend's LoRA composition runs its maps in x's dtype on a GPU (cuBLAS / cuDNN): the same code
+    with compute=x.dtype gives the float32 composition's outputs and gradients to 16-bit rounding."""
+    from bnn_kernels import reference
+    torch.manual_seed(3)
+    dtypes = (x_dtype, x_dtype, torch.float32)
+    if layer == "linear":
+        inputs, geometry = linear_inputs((9,), 12, 20, 4, bayes, "softplus", dtypes), ()
+        fwd, bwd = reference.lora_linear_fwd, reference.lora_linear_bwd
+    else:
+        case = {"kernel": 3, "rank": 4, "sigma_param": "softplus"}
+        inputs, geometry = conv_inputs(case, bayes, dtypes), ((1, 1), (1, 1), (1, 1))
+        fwd, bwd = reference.lora_conv2d_fwd, reference.lora_conv2d_bwd
+    x, weight, bias, lora_a, lora_b, rho = inputs
+    seed, options = torch.tensor(11), (1.5, bayes, 0.05, "softplus", estimator)
+    results = {}
+    for compute in (None, x_dtype):
+        y, kl, h, aux = fwd(x, weight, bias, lora_a, lora_b, rho, seed, *geometry, *options, compute=compute)
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+        grads = bwd(grad_y, torch.tensor(0.5), x, weight, lora_a, lora_b, rho, seed, h, aux, *geometry, *options,
+                    True, compute=compute)
+        results[compute] = (y, kl, *grads)
+    for name, want, have in zip(("y", "kl", "dx", "dA", "dB", "drho"), results[None], results[x_dtype]):
+        assert have.dtype == want.dtype and have.shape == want.shape, name
+        scale = want.float().abs().max().item() + 1e-6
+        error = (have.float() - want.float()).abs().max().item() / scale
+        assert error < 0.03, (name, error)
+
+
 def test_the_check_catches_a_materialising_lora_layer():
     """The same check flags the paper-style layer, which keeps the factor sample and eps for backward."""
     x, weight, bias, lora_a, lora_b, rho = linear_inputs((6,), 40, 48, 2, "B", "softplus")

@@ -74,12 +74,38 @@ def test_smoke_study_end_to_end(tmp_path, capsys):
     assert again["timing"]["runs_cached"] == again["timing"]["runs"] == 2
     assert again["runs"] == result["runs"] and again["summary"] == result["summary"]
 
+    # a study with other settings does not replace this one's report unless asked to
+    report_before = (out / "report.md").read_bytes()
+    assert report_before.startswith(b"<!-- bnn-diffusion study ")
+    with pytest.raises(SystemExit) as refused:
+        main(["--out", str(out), "--preset", "smoke", "--no-progress", "--steps", "6", "--methods", "bnn"])
+    assert refused.value.code == 2
+    message = capsys.readouterr().err
+    assert "holds another study: study-smoke.json, written by `python -m bnn_diffusion.study --out" in message
+    assert "--overwrite" in message
+    assert (out / "report.md").read_bytes() == report_before and (out / "samples-baseline.png").exists()
+    assert main(["--out", str(out), "--preset", "smoke", "--no-progress", "--steps", "6", "--methods", "bnn",
+                 "--overwrite"]) == 0
+    replaced = json.loads((out / "study-smoke.json").read_text())
+    assert replaced["config"]["finetune_steps"] == 6 and list(replaced["runs"]) == ["bnn"]
+    assert not (out / "samples-baseline.png").exists()  # the figure of a method the new report does not show
+    assert (out / "report.md").read_bytes() != report_before
 
-def test_command_line_errors(tmp_path):
+
+def test_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--methods", "nonsense"])
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--preset", "smoke", "--seeds", "-1"])
+    for bad in (["--seeds", "-1"], ["--seeds", "0", "0"], ["--methods", "bnn", "bnn"], ["--sigma-init", "0"],
+                ["--prior-sigma", "-1"], ["--lr", "-1"], ["--kl-weight", "nan"], ["--kl-weight", "-1"],
+                ["--cep-gamma", "-1"], ["--threads", "-1"], ["--seeds", str(2 ** 64 - 1)]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path), "--preset", "smoke", *bad])
+    assert not any(tmp_path.iterdir())  # refused before anything ran
+    (tmp_path / "report.md").write_text("# my notes\n")
+    with pytest.raises(SystemExit):  # a report.md this command did not write
+        main(["--out", str(tmp_path), "--preset", "smoke", "--no-progress"])
+    assert "report.md (without the mark of this command's reports" in capsys.readouterr().err
+    assert (tmp_path / "report.md").read_text() == "# my notes\n" and not (tmp_path / "cache").exists()
     with pytest.raises(ValueError, match="preset"):
         config_for("huge")
     with pytest.raises(ValueError, match="unknown study settings"):

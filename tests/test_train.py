@@ -562,7 +562,7 @@ def test_class_images_are_a_function_of_seed_and_index(tiny_sd, tmp_path):
                                   prior_generation_precision="fp32", pretrained_model_name_or_path=str(tiny_sd[0]),
                                   seed=3, sample_batch_size=batch, num_class_inference_steps=2, variant=None)
         trainer.generate_class_images(args, process)
-        return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
+        return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
     generate(tmp_path / "topped", 1, 1)
     topped = generate(tmp_path / "topped", 3, 1)
@@ -577,6 +577,8 @@ def test_class_images_are_a_function_of_seed_and_index(tiny_sd, tmp_path):
     for name, data in batched.items():
         pixels = [np.asarray(Image.open(io.BytesIO(b)), dtype=np.int16) for b in (data, topped[name])]
         assert np.abs(pixels[0] - pixels[1]).max() <= 2, name
+    (tmp_path / "with-folder" / "old.png").mkdir(parents=True)  # a folder is not a class image
+    assert list(generate(tmp_path / "with-folder", 1, 1)) == ["class-00000.png"]
 
 
 def test_cli_dispatches_subcommands(monkeypatch, capsys):

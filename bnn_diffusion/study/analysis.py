@@ -66,8 +66,13 @@ def aggregate(seed_records: dict) -> dict:
     for name, rows in series.items():
         array = np.asarray(rows, dtype=np.float64)
         mean[name] = [None if np.isnan(x) else float(x) for x in array.mean(0)]
-        std[name] = [None if np.isnan(x) else float(x) for x in array.std(0)]
+        std[name] = [None if np.isnan(x) else float(x) for x in sample_std(array)]
     return {"steps": steps, "mean": mean, "std": std}
+
+
+def sample_std(values: np.ndarray) -> np.ndarray:
+    """The standard deviation over seeds (axis 0) with Bessel's correction (ddof 1); 0 for a single seed."""
+    return values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(values[0], dtype=np.float64)
 
 
 def _per_seed_peaks(seed_records: dict) -> dict:
@@ -87,12 +92,13 @@ def summarize_method(seed_records: dict) -> dict:
                         for seed, r in seed_records.items()},
         "peak_noise_per_seed": peaks,
         "peak_noise_mean": float(np.mean(list(peaks.values()))),
-        "peak_noise_std": float(np.std(list(peaks.values()))),
+        "peak_noise_std": float(sample_std(np.asarray(list(peaks.values())))),
         "mean_noise": float(np.mean(m[NOISE_METRIC][1:])),
         "fidelity_at_noise_peak": m["fidelity"][agg["steps"].index(noise_profile["peak_step"])],
         "peak_tv_ratio": float(smooth(m["tv_ratio"])[1:].max()),
         "best_frechet": float(np.min(m["frechet"][1:])),
-        "final": {name: {"mean": float(np.mean(v)), "std": float(np.std(v))} for name, v in finals.items()},
+        "final": {name: {"mean": float(np.mean(v)), "std": float(sample_std(np.asarray(v)))}
+                  for name, v in finals.items()},
         "max_fidelity": float(np.max(m["fidelity"])),
     }
 

@@ -64,7 +64,8 @@ def unseen_by_classifier(count: int, seed: int) -> np.ndarray:
 
 
 def _shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image moved by up to one pixel in each direction (background fill)."""
+    """The batch moved by one random shift of up to one pixel in each direction, the same for every image
+    (background fill)."""
     size = images.shape[-1]
     padded = F.pad(images, (1, 1, 1, 1), value=-1.0)
     dx, dy = torch.randint(0, 3, (2,), generator=generator).tolist()

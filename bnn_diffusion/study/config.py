@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 __all__ = ["METHODS", "Method", "StudyConfig", "PRESETS", "config_for"]
@@ -34,6 +35,10 @@ METHODS = {m.name: m for m in (
     Method("cep", False, False, True, "plain fine-tuning with condition-embedding perturbation (CEP-G)"),
     Method("bnn-cep", True, False, True, "Bayesian layers (KL weight 0) and condition-embedding perturbation"),
 )}
+
+
+# seeds become torch.manual_seed(offset + seed) with offsets up to 30000: kept well inside the int64 range
+MAX_SEED = 2 ** 32
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,8 @@ class StudyConfig:
     # of them (the study records the ratio; --sigma-init 0.01 --prior-sigma 0.01 gives the paper's absolute values)
     sigma_init: float = 0.03
     prior_sigma: float = 0.03
-    # Adam moves a parameter by about its learning rate per step: sigma_lr keeps sigma near 0.01 over the run, as in
-    # the paper (lr 5e-6 over ~1000 steps lets sigma move by at most 0.005)
+    # Adam moves a parameter by about its learning rate per step: sigma_lr keeps sigma near sigma_init over the run,
+    # as in the paper (lr 5e-6 over ~1000 steps lets sigma move by at most 0.005)
     sigma_lr: float = 1e-5
     kl_weight: float = 1e-6         # bnn-kl's weight on KL(q||p) (summed over the weights)
     cep_gamma: float = 1.0          # CEP-G's gamma: delta ~ N(0, (gamma/sqrt(d))^2)
@@ -96,8 +101,22 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {sorted(METHODS)}, got {list(self.methods)}")
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"seeds must be non-negative ints, got {list(self.seeds)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods are listed twice: {list(self.methods)}")
+        if not self.seeds or any(not isinstance(s, int) or not 0 <= s < MAX_SEED for s in self.seeds):
+            raise ValueError(f"seeds must be ints in 0..{MAX_SEED - 1}, got {list(self.seeds)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds are listed twice: {list(self.seeds)}")
+        for name in ("sigma_init", "prior_sigma", "sigma_lr", "finetune_lr", "pretrain_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
+        for name in ("kl_weight", "cep_gamma"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative finite number, got {value}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if not 0 <= self.holdout_class <= 9:
             raise ValueError(f"holdout_class must be a digit 0-9, got {self.holdout_class}")
         if not 1 <= self.shots <= 20:
@@ -124,16 +143,24 @@ class StudyConfig:
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
-    def key(self, fields: tuple) -> str:
-        """A short hash of the named settings: the cache key of what they determine."""
+    def key(self, fields: tuple, version: int = 1) -> str:
+        """A short hash of the named settings (and of ``version``, for the code that uses them, when above 1): the
+        cache key of what they determine."""
         values = {name: getattr(self, name) for name in fields}
+        if version > 1:
+            values["version"] = version
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
 PRETRAIN_FIELDS = ("image_size", "holdout_class", "block_out_channels", "layers_per_block", "norm_num_groups",
                    "attention_head_dim", "cross_attention_dim", "tokens", "train_timesteps", "beta_schedule",
-                   "prediction_type", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_ema", "uncond_prob", "pretrain_seed")
+                   "prediction_type", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_ema",
+                   "uncond_prob", "pretrain_seed")
 CLASSIFIER_FIELDS = ("image_size", "classifier_epochs", "pretrain_seed")
+# part of the cache keys of the pretrained model and the classifier: raised whenever their training computes
+# something else for the same settings (2: the warm-up shortened for runs under 500 steps)
+PRETRAIN_VERSION = 2
+CLASSIFIER_VERSION = 1
 
 PRESETS = {
     "quick": StudyConfig(),

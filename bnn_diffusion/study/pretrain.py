@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import DigitClassifier, train_classifier
-from .config import CLASSIFIER_FIELDS, PRETRAIN_FIELDS, StudyConfig
+from .config import CLASSIFIER_FIELDS, CLASSIFIER_VERSION, PRETRAIN_FIELDS, PRETRAIN_VERSION, StudyConfig
 from .data import Digits
 from .models import ClassConditioner, build_unet, diffusion_target, make_noise_scheduler
 
@@ -40,8 +40,9 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def _lr_factor(step: int, total: int, warmup: int = 50) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
+def _lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over 50 steps (a tenth of the run for runs under 500 steps), then cosine decay to 10%."""
+    warmup = max(1, min(50, total // 10))
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -91,7 +92,7 @@ def pretrained_diffusion(config: StudyConfig, data: Digits, cache_dir: Path, pro
     must not contain the held-out class) and cached.  ``progress_factory(total, desc)`` makes a progress bar."""
     if (data.labels == config.holdout_class).any():
         raise ValueError(f"pretraining data contains the held-out class {config.holdout_class}")
-    path = Path(cache_dir) / f"diffusion-{config.key(PRETRAIN_FIELDS)}.pt"
+    path = Path(cache_dir) / f"diffusion-{config.key(PRETRAIN_FIELDS, PRETRAIN_VERSION)}.pt"
     unet, conditioner = build_unet(config), ClassConditioner(config.tokens, config.cross_attention_dim)
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -110,7 +111,7 @@ def pretrained_diffusion(config: StudyConfig, data: Digits, cache_dir: Path, pro
 
 def pretrained_classifier(config: StudyConfig, digits: Digits, cache_dir: Path, progress_factory) -> tuple:
     """``(classifier, info)``: the digit classifier for ``config``, from the cache or trained on ``digits``."""
-    path = Path(cache_dir) / f"classifier-{config.key(CLASSIFIER_FIELDS)}.pt"
+    path = Path(cache_dir) / f"classifier-{config.key(CLASSIFIER_FIELDS, CLASSIFIER_VERSION)}.pt"
     classifier = DigitClassifier()
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -4,6 +4,7 @@ result dictionary that ``run.run_study`` also writes as JSON.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ def _answers(result: dict) -> list:
         final, real = base["final"], result["real"]["mean"]
         lines.append(f"- **No complete corruption stage.** The baseline's noise measure rises from {p['start']:.2f} "
                      f"at step 0 to {p['peak']:.2f} (step {p['peak_step']}, fidelity "
-                     f"{base['fidelity_at_noise_peak']:.2f} there) but does not recede within the run (end "
+                     f"{base['fidelity_at_noise_peak']:.2f} there) but does not fall back by half within the run (end "
                      f"{p['end']:.2f}; {seeds_text}). At the end the samples lie "
                      f"{final['memorisation']['mean']:.3f} from the nearest shot (real digits of the class: "
                      f"{real['memorisation']:.3f}).")
@@ -182,8 +183,9 @@ def _table(result: dict) -> list:
     return lines
 
 
-def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
-    """Write the figures and ``report.md`` into ``out``; returns the report's path.
+def write_report(result: dict, grids: dict, shots: dict, out: Path, mark: str = "") -> list:
+    """Write the figures and ``report.md`` (its first line ``mark``, when given) into ``out``; returns the paths
+    written, the report's last.
 
     ``grids``: (method, seed) -> {step: (n, H, W) samples}; ``shots``: seed -> (shots, H, W) training images.
     """
@@ -200,11 +202,14 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
         sample_figures.append((method, name))
 
     c, env, pre, clf = result["config"], result["environment"], result["pretraining"], result["classifier"]
+    loaded = [what for what, info in (("pretraining", pre), ("classifier", clf)) if info["cached"]]
     lines = [
+        *([mark] if mark else []),
         "# Corruption stage of few-shot fine-tuning, and Bayesian mitigation, on real digits",
         "",
-        f"Produced by `{result['command']}` in {result['timing']['total_seconds'] / 60:.1f} min on {env['machine']} "
-        f"({env['torch_threads']} torch thread(s)); every number below is in "
+        f"Produced by `{result['command']}` in {result['timing']['total_seconds'] / 60:.1f} min"
+        + (f" ({' and '.join(loaded)} loaded from the cache)" if loaded else "")
+        + f" on {env['machine']} ({env['torch_threads']} torch thread(s)); every number below is in "
         + " and ".join(f"`{name}`" for name in result["json_files"]) + ".",
         "",
         "## Answers",
@@ -245,7 +250,7 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
         "",
         "## Table",
         "",
-        "Mean ± std over seeds. Noise = high-frequency energy of the samples / that of real digits of the class "
+        "Mean ± std over seeds (sample std, ddof 1). Noise = high-frequency energy of the samples / that of real digits of the class "
         "(1 = as smooth as real digits); peak noise = each seed's peak over steps > 0 after 3-point smoothing, "
         "averaged (the Answers give the peak of the seed-averaged curve; the step is that curve's). NN distance = "
         "RMS pixel distance to the nearest training shot (lower = closer to copying).",
@@ -254,7 +259,7 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
         "",
         "## Figures",
         "",
-        "Metric curves (mean ± std over seeds; dashed: real digits of the class):",
+        "Metric curves (mean ± sample std over seeds; dashed: real digits of the class):",
         "",
         "![curves](curves.png)",
         "",
@@ -272,12 +277,19 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path) -> Path:
         "",
         "## Timing",
         "",
-        f"Pretraining {pre.get('seconds', 0):.0f} s ({'loaded from the cache' if pre['cached'] else 'trained'}), "
-        f"classifier {clf.get('seconds', 0):.0f} s ({'cached' if clf['cached'] else 'trained'}), fine-tuning and "
+        f"Pretraining: {_trained_or_loaded(pre)}; classifier: {_trained_or_loaded(clf)}; fine-tuning and "
         f"evaluation {result['timing']['finetune_seconds']:.0f} s "
         f"({result['timing']['runs_cached']} of {result['timing']['runs']} run(s) loaded from the cache).",
         "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
+    temporary.write_text("\n".join(lines))
+    os.replace(temporary, path)
+    return [out / "curves.png", out / "training.png", out / "shots.png",
+            *[out / name for _, name in sample_figures], path]
+
+
+def _trained_or_loaded(info: dict) -> str:
+    seconds = f"{info.get('seconds', 0):.0f} s"
+    return f"loaded from the cache (trained in {seconds} by an earlier run)" if info["cached"] else f"{seconds}"

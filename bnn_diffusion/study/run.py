@@ -1,11 +1,13 @@
 """The study from end to end, and its command line:
 
-    python -m bnn_diffusion.study --out study --preset quick|full [--seeds 0 1 2] [--methods baseline bnn ...]
+    python -m bnn_diffusion.study --out DIR --preset quick|full [--seeds 0 1 2] [--methods baseline bnn ...]
 
 Pretrain (or load from ``<out>/cache``) the diffusion model and the classifier, fine-tune every method on every
 seed (each finished run is cached under ``<out>/cache/runs``, so an interrupted study resumes where it stopped),
 then write ``<out>/report.md`` with its figures and the JSON of every number (``<out>/study-<preset>.json``, and
-a copy wherever ``--json`` says).
+a copy wherever ``--json`` says).  A rerun of the same study (the same settings, whatever the thread count) into
+the same ``--out`` rewrites them; one with other settings is refused unless ``--overwrite`` is given, so that
+an earlier report is never replaced by accident.
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ __all__ = ["run_study", "main", "build_parser"]
 
 # settings that do not change what a single (method, seed) run computes
 _NOT_RUN_FIELDS = {"preset", "methods", "seeds", "threads"}
+# settings that do not change the study's numbers (up to float rounding)
+_NOT_STUDY_FIELDS = {"threads"}
+REPORT_NAME = "report.md"
+REPORT_MARK = "<!-- bnn-diffusion study {key} -->"
+FIGURES = ("curves.png", "training.png", "shots.png")
 # part of a cached run's key: raised whenever a run computes something else for the same settings, so that runs
 # cached by an earlier version are not mixed in (2: shots unseen by the classifier, drawn in turn; loss without KL)
 RUN_VERSION = 2
@@ -97,6 +104,54 @@ def _target_weight_rms(pretrained) -> tuple:
     return len(names), weights.square().mean().sqrt().item()
 
 
+def study_key(config: StudyConfig) -> str:
+    """A short hash of every setting that changes the study's numbers: what tells one study from another."""
+    return config.key(tuple(f.name for f in dataclasses.fields(StudyConfig) if f.name not in _NOT_STUDY_FIELDS))
+
+
+def _earlier_study(out: Path, config: StudyConfig) -> tuple:
+    """``(files, conflict)``: the files an earlier study wrote into ``out`` (its JSON, report and figures), and a
+    description of that study when it is another one than ``config`` (None when it is the same, or none)."""
+    key = study_key(config)
+    conflicts, files = [], []
+    for path in sorted(out.glob("study-*.json")):
+        files.append(path)
+        try:
+            earlier = json.loads(path.read_text())
+            same = study_key(StudyConfig(**_as_config_fields(earlier["config"]))) == key
+        except (OSError, ValueError, KeyError, TypeError):
+            conflicts.append(f"{path.name} (unreadable)")
+            continue
+        if not same:
+            conflicts.append(f"{path.name}, written by `{earlier.get('command', '?')}`")
+    report = out / REPORT_NAME
+    if report.exists():
+        files.append(report)
+        first = report.read_text(errors="replace").splitlines()[:1]
+        if not first or first[0] != REPORT_MARK.format(key=key):
+            if not first or not first[0].startswith(REPORT_MARK.split("{")[0]):
+                conflicts.append(f"{REPORT_NAME} (without the mark of this command's reports: written by hand or "
+                                 f"by an older version)")
+            elif not conflicts:
+                conflicts.append(f"{REPORT_NAME}, the report of a study with other settings")
+    files += [out / name for name in FIGURES if (out / name).exists()]
+    files += sorted(out.glob("samples-*.png"))
+    return files, ("; ".join(conflicts) or None)
+
+
+def _as_config_fields(recorded: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(StudyConfig)}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in names}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file and rename it into place: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def _run_paths(cache: Path, config: StudyConfig, method: str, seed: int) -> tuple:
     fields = tuple(f.name for f in dataclasses.fields(StudyConfig) if f.name not in _NOT_RUN_FIELDS)
     stem = cache / "runs" / f"{config.key(fields)}-v{RUN_VERSION}" / f"{method}-seed{seed}"
@@ -124,15 +179,26 @@ def _save_run(paths: tuple, result: RunResult) -> None:
     os.replace(temporary, record_path)
 
 
-def run_study(config: StudyConfig, out, *, progress: bool = True, command: str = "", json_copy=None) -> dict:
+def run_study(config: StudyConfig, out, *, progress: bool = True, command: str = "", json_copy=None,
+              overwrite: bool = False) -> dict:
     """Run the study described by ``config`` into the directory ``out``; returns the result dictionary (also
     written to ``<out>/study-<preset>.json``, and to ``json_copy`` when given) with the report path under
-    ``"report"``."""
+    ``"report"``.
+
+    ``out`` may hold the report of the same study (rewritten) or none; FileExistsError, before anything runs, when
+    it holds another study's report or JSON, unless ``overwrite``.  Either way the earlier study's JSON and
+    figures are removed once the new results are written, so none of them is left stale beside the new report."""
     from .report import write_report
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} is a file, not a directory")
+    earlier_files, conflict = _earlier_study(out, config) if out.is_dir() else ([], None)
+    if conflict and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} holds another study: {conflict}. Choose another --out, or pass "
+                              f"--overwrite to replace it (the cache under {str(out / 'cache')!r} is kept)")
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = Path(out)
     cache = out / "cache"
     bar = _progress_factory(progress)
     begin = time.perf_counter()
@@ -196,17 +262,19 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
         "environment": _environment(config),
         "command": command or "bnn_diffusion.study.run_study",
         "json_files": [str(out / json_name)] + ([str(json_copy)] if json_copy is not None else []),
+        "report": str(out / REPORT_NAME),
         "timing": {"pretrain_seconds": pretrain_seconds, "finetune_seconds": time.perf_counter() - finetune_begin,
                    "total_seconds": time.perf_counter() - begin, "runs": len(config.seeds) * len(config.methods),
                    "runs_cached": cached_runs},
     }
-    report = write_report(result, grids, shots, out)
-    result["report"] = str(report)
+    # the numbers first: a crash while drawing the figures leaves the JSON of this study, never a report without it
     text = json.dumps(result, indent=1)
-    (out / json_name).write_text(text)
+    _write_text_atomic(out / json_name, text)
     if json_copy is not None:
-        Path(json_copy).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_copy).write_text(text)
+        _write_text_atomic(Path(json_copy), text)
+    written = write_report(result, grids, shots, out, mark=REPORT_MARK.format(key=study_key(config)))
+    for stale in set(earlier_files) - set(written) - {out / json_name}:
+        stale.unlink(missing_ok=True)
     return result
 
 
@@ -215,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bnn_diffusion.study",
         description="Offline study of the corruption stage of few-shot diffusion fine-tuning and its mitigation by "
                     "Bayesian fine-tuning (bnn_diffusion.patch) and CEP, on scikit-learn's digits.")
-    parser.add_argument("--out", default="study", help="output directory (report, figures, JSON, cache)")
+    parser.add_argument("--out", default="bnn-study", help="output directory (report, figures, JSON, cache)")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="quick: minutes on a CPU (make demo); full: more seeds and steps; smoke: seconds")
     parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (each draws its own shots)")
@@ -231,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every this many steps")
     parser.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the result JSON here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the report of a study with other settings in --out (refused without it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -239,7 +309,8 @@ def main(argv=None) -> int:
     """Entry point of ``python -m bnn_diffusion.study`` and ``bnn-diffusion study``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in {"out", "preset", "json", "no_progress"}}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in {"out", "preset", "json", "no_progress", "overwrite"}}
     for key in ("seeds", "methods"):
         if overrides.get(key) is not None:
             overrides[key] = tuple(overrides[key])
@@ -249,7 +320,11 @@ def main(argv=None) -> int:
         parser.error(str(error))
     shown = sys.argv[1:] if argv is None else list(argv)
     command = "python -m bnn_diffusion.study " + " ".join(shlex.quote(a) for a in shown)
-    result = run_study(config, args.out, progress=not args.no_progress, command=command.strip(), json_copy=args.json)
+    try:
+        result = run_study(config, args.out, progress=not args.no_progress, command=command.strip(),
+                           json_copy=args.json, overwrite=args.overwrite)
+    except (FileExistsError, NotADirectoryError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"report: {result['report']}")
     print(f"data:   {Path(args.out) / f'study-{config.preset}.json'}" + (f" and {args.json}" if args.json else ""))
     return 0

@@ -8,7 +8,7 @@ imported).  The functions follow the backend contract of ``bnn_kernels.registry`
 * ``linear_fwd/bwd``     -> linear.py (reparam and lrt GEMMs with noise generated in registers, KL fused), and
   sample.py (the "transient" reparam variant: one weight sample per GEMM, fed to torch's matmul and dropped).
   ``BNN_TRITON_REPARAM`` = fused | transient | auto (default) picks the reparam variant at each call;
-  ``reparam_variant(M, device)`` says which one a call with M rows of x runs.  ``BNN_TRITON_LRT`` = fused |
+  ``reparam_variant(M, device, dtype)`` says which one a call with M rows of x runs.  ``BNN_TRITON_LRT`` = fused |
   composition | auto: the lrt GEMMs in linear.py's kernels or composition.py's (cuBLAS); auto composes where
   tl.dot has no tensor cores (below sm_80).
 * ``lora_linear_fwd/bwd`` -> lora.py (the low-rank path in the base GEMM's K loop and epilogue, factor noise in

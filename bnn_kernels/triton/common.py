@@ -134,6 +134,17 @@ def dots_use_tensor_cores(device) -> bool:
     return capability is None or capability >= 80
 
 
+def fused_dots_use_tensor_cores(device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernels' tl.dot on ``dtype`` operands run on tensor cores on ``device``: as
+    ``dots_use_tensor_cores``, and for float32 only as tf32 (``dot_precision``).  With torch's default
+    ``allow_tf32=False`` a float32 dot is an FMA loop even on sm_90, and the fused linear kernels spill 0.8-13.5 KB
+    there (benchmarks/NOTES.md, "float32 on tensor-core GPUs"), while cuBLAS runs float32 GEMMs at full speed.
+    True under the interpreter."""
+    if not dots_use_tensor_cores(device):
+        return False
+    return dtype != torch.float32 or dot_precision() == "tf32" or compute_capability(device) is None
+
+
 def variant_setting(env: str, variants) -> str:
     """The variant the environment variable ``env`` names ("auto" when unset), checked against ``variants``; read at
     every call, so a test or a benchmark can switch variants between calls."""

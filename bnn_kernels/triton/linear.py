@@ -21,7 +21,7 @@ Kernels (one program per output tile, grouped tile order for L2 reuse, fp32 accu
 GEMM operands are in x's dtype; the lrt variance operands (x^2, s^2, u) are float32 for float32 x and bfloat16
 otherwise (float16 cannot hold s^2 of small sigmas).  Nothing weight-sized is allocated besides dmu and drho.
 
-Two variants of the reparam estimator, chosen per call by ``reparam_variant(M, device)``:
+Two variants of the reparam estimator, chosen per call by ``reparam_variant(M, device, dtype)``:
 
 * ``"fused"``: the in-GEMM kernels above.  They draw each weight tile's noise once per M-tile
   (about ceil(M / BLOCK_M) * N * K normals per GEMM): cheapest when M fits in one or two tiles.
@@ -32,13 +32,13 @@ Two variants of the reparam estimator, chosen per call by ``reparam_variant(M, d
 The environment variable ``BNN_TRITON_REPARAM`` = ``fused`` | ``transient`` | ``auto`` (default) picks the variant;
 it is read at every call.  ``auto`` takes ``transient`` when M > ``TRANSIENT_ABOVE_M``, else ``fused``.
 
-Two of the lrt estimator, chosen by ``lrt_variant(device)`` (``BNN_TRITON_LRT`` = ``fused`` | ``composition`` |
+Two of the lrt estimator, chosen by ``lrt_variant(device, dtype)`` (``BNN_TRITON_LRT`` = ``fused`` | ``composition`` |
 ``auto``): the kernels above, or composition.py (mean and variance GEMMs on cuBLAS, output noise and gradient
 epilogues elementwise, as the conv's lrt).
 
 ``auto`` picks the cuBLAS variants (transient, composition) wherever tl.dot has no tensor cores
-(``common.dots_use_tensor_cores``: below sm_80, i.e. a T4 or an RTX 20xx), whose fused kernels would run their
-GEMMs as FMA loops.  All variants honour the memory contract (autograd keeps the inputs and the seed; lrt also the
+(``common.fused_dots_use_tensor_cores``: below sm_80, i.e. a T4 or an RTX 20xx, and for float32 x unless torch
+allows tf32), whose fused kernels would run their GEMMs as FMA loops.  All variants honour the memory contract (autograd keeps the inputs and the seed; lrt also the
 output-sized std) and give the same noise.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ import triton.language as tl
 
 from .. import reference
 from ..sigma import compute_dtype
-from .common import (FP_FUSION, dot_precision, dots_use_tensor_cores, gemm_configs, interpreter_meta, mma,
+from .common import (FP_FUSION, dot_precision, fused_dots_use_tensor_cores, gemm_configs, interpreter_meta, mma,
                      prior_constants, to_dtype, tuned, var_in_float32, variant_setting)
 from .kl import kl_grads, kl_terms, load_mu_sigma, load_posterior, load_prior, sigma_of, store_reparam_grads
 from .composition import Maps, lrt_bwd, lrt_fwd, lrt_u
@@ -141,7 +141,7 @@ def _weight_tile(offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, N, K, HAS_PRIOR: tl
 # forward
 # ----------------------------------------------------------------------------------------------------------------
 
-@tuned(_REPARAM_FWD_CONFIGS)
+@tuned(_REPARAM_FWD_CONFIGS, key=("M", "N", "K", "HAS_BIAS", "HAS_PRIOR", "SOFTPLUS", "DOT_PREC"))
 @triton.jit
 def _reparam_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y_ptr, kl_ptr,
                         M, N, K, half_inv_ps2,
@@ -180,7 +180,7 @@ def _reparam_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y
     tl.store(y_ptr + y_off, to_dtype(acc, y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@tuned(_LRT_FWD_CONFIGS)
+@tuned(_LRT_FWD_CONFIGS, key=("M", "N", "K", "HAS_BIAS", "HAS_PRIOR", "SOFTPLUS", "VAR_FP32", "DOT_PREC"))
 @triton.jit
 def _lrt_fwd_kernel(x_ptr, mu_ptr, rho_ptr, bias_ptr, prior_ptr, seed_ptr, y_ptr, std_ptr, kl_ptr,
                     M, N, K, half_inv_ps2,
@@ -243,7 +243,7 @@ def _lrt_fwd_epilogue(mean, var, offs_m, offs_n, bias_ptr, seed, y_ptr, std_ptr,
 # backward
 # ----------------------------------------------------------------------------------------------------------------
 
-@tuned(_REPARAM_DX_CONFIGS)
+@tuned(_REPARAM_DX_CONFIGS, key=("M", "N", "K", "SOFTPLUS", "DOT_PREC"))
 @triton.jit
 def _reparam_dx_kernel(g_ptr, mu_ptr, rho_ptr, seed_ptr, dx_ptr, M, N, K,
                        SOFTPLUS: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -270,7 +270,7 @@ def _reparam_dx_kernel(g_ptr, mu_ptr, rho_ptr, seed_ptr, dx_ptr, M, N, K,
     tl.store(dx_ptr + dx_off, to_dtype(acc, dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-@tuned(_DW_CONFIGS)
+@tuned(_DW_CONFIGS, key=("M", "N", "K", "HAS_PRIOR", "SOFTPLUS", "DOT_PREC"))
 @triton.jit
 def _reparam_dw_kernel(g_ptr, x_ptr, mu_ptr, rho_ptr, prior_ptr, seed_ptr, gk_ptr, dmu_ptr, drho_ptr,
                        M, N, K, inv_ps2,
@@ -313,7 +313,7 @@ def _reparam_dw_epilogue(grad_w, offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, see
                         HAS_PRIOR)
 
 
-@tuned(_LRT_DX_CONFIGS)
+@tuned(_LRT_DX_CONFIGS, key=("M", "N", "K", "SOFTPLUS", "VAR_FP32", "DOT_PREC"))
 @triton.jit
 def _lrt_dx_kernel(g_ptr, x_ptr, std_ptr, mu_ptr, rho_ptr, seed_ptr, dx_ptr, M, N, K,
                    SOFTPLUS: tl.constexpr, VAR_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -351,7 +351,7 @@ def _lrt_dx_kernel(g_ptr, x_ptr, std_ptr, mu_ptr, rho_ptr, seed_ptr, dx_ptr, M, 
     tl.store(dx_ptr + x_off, to_dtype(dx, dx_ptr.dtype.element_ty), mask=x_mask)
 
 
-@tuned(_DW_CONFIGS)
+@tuned(_DW_CONFIGS, key=("M", "N", "K", "HAS_PRIOR", "SOFTPLUS", "VAR_FP32", "DOT_PREC"))
 @triton.jit
 def _lrt_dw_kernel(g_ptr, x_ptr, std_ptr, mu_ptr, rho_ptr, prior_ptr, seed_ptr, gk_ptr, dmu_ptr, drho_ptr,
                    M, N, K, inv_ps2,
@@ -408,23 +408,24 @@ def _lrt_dw_epilogue(grad_mu, u_x2, offs_n, offs_k, mu_ptr, rho_ptr, prior_ptr, 
 # launchers (the backend contract of bnn_kernels.registry)
 # ----------------------------------------------------------------------------------------------------------------
 
-def reparam_variant(M: int, device=None) -> str:
-    """``"fused"`` or ``"transient"``: the reparam variant a call with ``M`` rows of x on ``device`` runs, per
-    BNN_TRITON_REPARAM.  ``auto``: transient above TRANSIENT_ABOVE_M rows, and wherever tl.dot has no tensor
-    cores (cuBLAS has them)."""
+def reparam_variant(M: int, device=None, dtype: torch.dtype = torch.bfloat16) -> str:
+    """``"fused"`` or ``"transient"``: the reparam variant a call with ``M`` rows of ``dtype`` x on ``device``
+    runs, per BNN_TRITON_REPARAM.  ``auto``: transient above TRANSIENT_ABOVE_M rows, and wherever tl.dot on x's
+    dtype has no tensor cores (cuBLAS has them; ``common.fused_dots_use_tensor_cores``)."""
     choice = variant_setting(REPARAM_ENV, REPARAM_VARIANTS)
     if choice == "auto":
-        return "transient" if M > TRANSIENT_ABOVE_M or not dots_use_tensor_cores(device) else "fused"
+        fused = M <= TRANSIENT_ABOVE_M and fused_dots_use_tensor_cores(device, dtype)
+        return "fused" if fused else "transient"
     return choice
 
 
-def lrt_variant(device=None) -> str:
+def lrt_variant(device=None, dtype: torch.dtype = torch.bfloat16) -> str:
     """``"fused"`` (the lrt kernels above) or ``"composition"`` (composition.py: the mean and variance GEMMs on
-    cuBLAS, output noise elementwise): the lrt variant a call on ``device`` runs, per BNN_TRITON_LRT.  ``auto``:
-    composition wherever tl.dot has no tensor cores, else fused."""
+    cuBLAS, output noise elementwise): the lrt variant a call with ``dtype`` x on ``device`` runs, per
+    BNN_TRITON_LRT.  ``auto``: composition wherever tl.dot on x's dtype has no tensor cores, else fused."""
     choice = variant_setting(LRT_ENV, LRT_VARIANTS)
     if choice == "auto":
-        return "fused" if dots_use_tensor_cores(device) else "composition"
+        return "fused" if fused_dots_use_tensor_cores(device, dtype) else "composition"
     return choice
 
 
@@ -450,10 +451,10 @@ def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estim
     if min(M, N, K) == 0:  # nothing to launch; the reference handles empty GEMMs
         y, kl, _ = reference.linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator)
         return y, kl, (x.new_zeros((M, N)) if estimator == "lrt" else x.new_empty(0))
-    if estimator == "reparam" and reparam_variant(M, x.device) == "transient":
+    if estimator == "reparam" and reparam_variant(M, x.device, x.dtype) == "transient":
         y, kl = transient_linear_fwd(x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
         return y, kl, x.new_empty(0)
-    if estimator == "lrt" and lrt_variant(x.device) == "composition":
+    if estimator == "lrt" and lrt_variant(x.device, x.dtype) == "composition":
         return lrt_fwd(LINEAR_MAPS, x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     kl_rows = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -484,9 +485,9 @@ def linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, si
     if min(M, N, K) == 0:
         return reference.linear_bwd(grad_y, grad_kl, x, mu, rho, prior_mu, seed, std, prior_sigma, sigma_param,
                                     estimator, need_dx)
-    if estimator == "reparam" and reparam_variant(M, x.device) == "transient":
+    if estimator == "reparam" and reparam_variant(M, x.device, x.dtype) == "transient":
         return transient_linear_bwd(g, grad_kl, x, mu, rho, prior, seed, prior_sigma, sigma_param, need_dx)
-    if estimator == "lrt" and lrt_variant(x.device) == "composition":
+    if estimator == "lrt" and lrt_variant(x.device, x.dtype) == "composition":
         return lrt_bwd(LINEAR_MAPS, g, grad_kl, x, mu, rho, prior, seed, std, prior_sigma, sigma_param, need_dx)
     _, inv_ps2 = prior_constants(prior_sigma)
     softplus = sigma_param == "softplus"
