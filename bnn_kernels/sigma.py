@@ -5,6 +5,8 @@ implement the same formulas.  Everything is evaluated in the dtype of its inputs
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,4 +35,16 @@ def gaussian_kl_terms(mu: torch.Tensor, sigma: torch.Tensor, prior_mu, prior_sig
     # log(ps/sigma) + (sigma^2 + diff^2) / (2 ps^2) - 1/2 as (r - 1 - log r) / 2 + diff^2 / (2 ps^2), r = sigma^2/ps^2:
     # no cancellation of two logarithms (0 at the prior; no negative float32 sums near it)
     ratio = sigma * sigma / (prior_sigma * prior_sigma)
-    return 0.5 * (ratio - 1.0 - torch.log(ratio)) + diff * diff / (2.0 * prior_sigma * prior_sigma)
+    return 0.5 * (ratio - 1.0 - log_ratio(ratio, sigma, prior_sigma)) + diff * diff / (2.0 * prior_sigma * prior_sigma)
+
+
+# Below it, sigma^2 nears float32's underflow and log r is taken as 2 (log sigma - log ps) instead.
+LOG_RATIO_FLOOR = 1e-30
+
+
+def log_ratio(ratio: torch.Tensor, sigma: torch.Tensor, prior_sigma: float) -> torch.Tensor:
+    """log r, r = sigma^2 / ps^2: log(ratio) (exact near the prior, where the KL term is r - 1 - log r ~ (r-1)^2/2),
+    and 2 (log sigma - log ps) where ratio < LOG_RATIO_FLOOR (a softplus rho below about -44 in float32: sigma^2
+    underflows, and log(0) would make a finite KL infinite)."""
+    tiny = ratio < LOG_RATIO_FLOOR
+    return torch.where(tiny, 2.0 * (torch.log(sigma) - math.log(prior_sigma)), torch.log(torch.where(tiny, 1.0, ratio)))

@@ -97,8 +97,13 @@ template <typename T>
 BNN_INLINE T kl_term(T sigma, T diff, T inv_two_var) {
   // (r - 1 - log r) / 2 + diff^2 / (2 ps^2), r = sigma^2 / ps^2: log(ps / sigma) + (sigma^2 + diff^2) / (2 ps^2) - 1/2
   // without its cancellation of two logarithms (0 at the prior, no negative float sums near it)
-  const T ratio = sigma * sigma * (T(2) * inv_two_var);
-  return T(0.5) * (ratio - T(1) - vec::log(ratio)) + diff * diff * inv_two_var;
+  const T inv_var = T(2) * inv_two_var;
+  const T ratio = sigma * sigma * inv_var;
+  // where sigma^2 nears underflow (bnn_kernels.sigma.LOG_RATIO_FLOOR), log r = 2 log sigma + log(1 / ps^2): a finite
+  // KL where log(0) would give an infinite one
+  const bool tiny = ratio < T(1e-30);
+  const T log_r = tiny ? T(2) * vec::log(sigma) + vec::log(inv_var) : vec::log(ratio);
+  return T(0.5) * (ratio - T(1) - log_r) + diff * diff * inv_two_var;
 }
 
 }  // namespace bnn

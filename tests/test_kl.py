@@ -75,6 +75,29 @@ def test_kl_near_the_prior_keeps_its_precision(backend):
     assert kl == pytest.approx(oracle, rel=1e-3) and layer_kl.item() == pytest.approx(oracle, rel=1e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prior_sigma", [1.0, 0.01])
+def test_kl_of_a_vanishing_sigma_stays_finite(backend, prior_sigma):
+    """softplus(rho) for rho of -45 to -80 is 3e-20 to 2e-35: sigma^2 underflows in float32, and log(sigma^2 / ps^2)
+    used to make the KL infinite where it is about -rho.  The KL (alone and from bayes_linear) and its gradients
+    match the float64 value of log(ps / sigma) + (sigma^2 + d^2) / (2 ps^2) - 1/2."""
+    device = device_for(backend)
+    rho64 = torch.tensor([-45.0, -60.0, -80.0, -3.0], dtype=torch.float64)
+    mu64 = torch.tensor([0.01, -0.02, 0.03, 0.0], dtype=torch.float64)
+    sigma64 = torch.nn.functional.softplus(rho64)
+    expected = (math.log(prior_sigma) - torch.log(sigma64) + (sigma64**2 + mu64**2) / (2 * prior_sigma**2) - 0.5)
+    grad_rho = (sigma64 / prior_sigma**2 - 1 / sigma64) * torch.sigmoid(rho64)
+    f32 = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
+    with bk.use_backend(backend):
+        kl, dmu, drho = _kl_with_grads(f32(mu64), f32(rho64), None, prior_sigma, "softplus", bk.gaussian_kl)
+        _, layer_kl = bk.bayes_linear(f32(torch.ones(2, 4, dtype=torch.float64)), f32(mu64.view(1, 4)),
+                                      f32(rho64.view(1, 4)), seed=3, prior_sigma=prior_sigma)
+    assert kl.item() == pytest.approx(expected.sum().item(), rel=1e-5)
+    assert layer_kl.item() == pytest.approx(expected.sum().item(), rel=1e-5)
+    torch.testing.assert_close(drho.double().cpu(), 0.75 * grad_rho, rtol=1e-4, atol=0)
+    torch.testing.assert_close(dmu.double().cpu(), 0.75 * mu64 / prior_sigma**2, rtol=1e-5, atol=0)
+
+
 def test_kl_closed_form_single_element():
     mu, sigma, prior_sigma = 0.3, 0.2, 0.5
     expected = math.log(prior_sigma / sigma) + (sigma**2 + mu**2) / (2 * prior_sigma**2) - 0.5

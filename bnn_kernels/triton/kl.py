@@ -59,8 +59,13 @@ def kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR: tl.constexpr):
         diff = mu - prior
     else:
         diff = mu
-    ratio = sigma * sigma * (2.0 * half_inv_ps2)
-    return 0.5 * (ratio - 1.0 - tl.log(ratio)) + diff * diff * half_inv_ps2
+    inv_ps2 = 2.0 * half_inv_ps2
+    ratio = sigma * sigma * inv_ps2
+    # where sigma^2 nears underflow (sigma.LOG_RATIO_FLOOR), log r = 2 log sigma + log(1 / ps^2): a finite KL
+    tiny = ratio < 1e-30
+    log_r = tl.where(tiny, 2.0 * tl.log(tl.where(tiny, sigma, 1.0)) + tl.log(inv_ps2),
+                     tl.log(tl.where(tiny, 1.0, ratio)))
+    return 0.5 * (ratio - 1.0 - log_r) + diff * diff * half_inv_ps2
 
 
 @triton.jit
