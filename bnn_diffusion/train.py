@@ -829,13 +829,15 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 16) -> str:
     return "weights " + digest.hexdigest()[:16]
 
 
-def images_fingerprint(images: Optional[list]) -> Optional[str]:
-    """The count and a hash of the names and sizes of ``images`` (None for no list)."""
+def images_fingerprint(images: Optional[list], sizes: bool = True) -> Optional[str]:
+    """The count and a hash of the names (and, with ``sizes``, the byte sizes) of ``images``; None for no list.
+    Class images are fingerprinted without sizes: regenerated on another GPU or with another batch size, they
+    differ by a rounding in a few pixels, which changes their PNG bytes but not what the batch stream indexes."""
     if images is None:
         return None
     digest = hashlib.sha256()
     for image in images:
-        digest.update(f"{Path(image).name}\0{Path(image).stat().st_size}\0".encode())
+        digest.update(f"{Path(image).name}\0{Path(image).stat().st_size if sizes else ''}\0".encode())
     return f"{len(images)} files {digest.hexdigest()[:16]}"
 
 
@@ -1025,7 +1027,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     _register_checkpoint_hooks(accelerator, base_unet)
 
     config = _resume_config(args, accelerator.num_processes, base_fingerprint, images_fingerprint(instance_images),
-                            images_fingerprint(class_images))
+                            images_fingerprint(class_images, sizes=False))
     global_step, data_seed = _start_or_resume(accelerator, args, resume_from, config)
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     metrics.start(global_step)

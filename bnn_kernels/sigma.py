@@ -45,6 +45,10 @@ LOG_RATIO_FLOOR = 1e-30
 def log_ratio(ratio: torch.Tensor, sigma: torch.Tensor, prior_sigma: float) -> torch.Tensor:
     """log r, r = sigma^2 / ps^2: log(ratio) (exact near the prior, where the KL term is r - 1 - log r ~ (r-1)^2/2),
     and 2 (log sigma - log ps) where ratio < LOG_RATIO_FLOOR (a softplus rho below about -44 in float32: sigma^2
-    underflows, and log(0) would make a finite KL infinite)."""
+    underflows, and log(0) would make a finite KL infinite).  A sigma below the dtype's smallest normal number
+    (softplus rho < -87 in float32) gives -inf, so an infinite KL: its gradient, through 1 / sigma, is not finite
+    there either, and a finite KL would let it into the weights."""
     tiny = ratio < LOG_RATIO_FLOOR
-    return torch.where(tiny, 2.0 * (torch.log(sigma) - math.log(prior_sigma)), torch.log(torch.where(tiny, 1.0, ratio)))
+    fallback = torch.where(sigma < torch.finfo(sigma.dtype).tiny, -math.inf,
+                           2.0 * (torch.log(sigma) - math.log(prior_sigma)))
+    return torch.where(tiny, fallback, torch.log(torch.where(tiny, 1.0, ratio)))

@@ -6,8 +6,8 @@
 // with the KL gradient.  lrt: the mean and variance GEMMs run per block (sigma^2 formed per block), the output
 // noise is drawn in the output epilogue.  eps, the weight sample and sigma^2 exist for one block at a time
 // (64..256 rows, about 2**18 elements: block_rows in tensor_utils.h), so only a weight that small is ever held
-// whole; the dmu / drho outputs have the weight's size, and nothing weight-sized is kept for backward.  GEMMs accumulate in float32 (float64 for float64
-// inputs).
+// whole; the dmu / drho outputs have the weight's size, and nothing weight-sized is kept for backward.  GEMMs
+// accumulate in float32 (float64 for float64 inputs).
 #include <ATen/ATen.h>
 
 #include "blockwise.h"

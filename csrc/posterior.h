@@ -7,6 +7,7 @@
 #include <c10/util/string_view.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "vec_math.h"
@@ -99,10 +100,13 @@ BNN_INLINE T kl_term(T sigma, T diff, T inv_two_var) {
   // without its cancellation of two logarithms (0 at the prior, no negative float sums near it)
   const T inv_var = T(2) * inv_two_var;
   const T ratio = sigma * sigma * inv_var;
-  // where sigma^2 nears underflow (bnn_kernels.sigma.LOG_RATIO_FLOOR), log r = 2 log sigma + log(1 / ps^2): a finite
-  // KL where log(0) would give an infinite one
+  // where sigma^2 nears underflow (bnn_kernels.sigma.log_ratio), log r = 2 log sigma + log(1 / ps^2): a finite KL
+  // where log(0) would give an infinite one; -inf below T's smallest normal sigma, where the gradient (1 / sigma)
+  // is not finite either
   const bool tiny = ratio < T(1e-30);
-  const T log_r = tiny ? T(2) * vec::log(sigma) + vec::log(inv_var) : vec::log(ratio);
+  const bool subnormal = sigma < std::numeric_limits<T>::min();
+  const T fallback = subnormal ? -std::numeric_limits<T>::infinity() : T(2) * vec::log(sigma) + vec::log(inv_var);
+  const T log_r = tiny ? fallback : vec::log(ratio);
   return T(0.5) * (ratio - T(1) - log_r) + diff * diff * inv_two_var;
 }
 

@@ -49,7 +49,8 @@ def test_gaussian_kl_matches_float64_formula(backend, sigma_param, dtype, shape,
                             sigma_param, _torch_kl)
     # plain torch in the same dtype (computing in float32, as the ops do for 16-bit inputs, keeps the KL usable)
     same_dtype = _kl_with_grads(mu, rho, prior, prior_sigma, sigma_param,
-                                lambda m, r, p, s, sigma_param: _torch_kl(m.float(), r.float(), p, s, sigma_param=sigma_param))
+                                lambda m, r, p, s, sigma_param: _torch_kl(m.float(), r.float(), p, s,
+                                                                          sigma_param=sigma_param))
     for name, value, reference, baseline in zip(("kl", "dmu", "drho"), (kl, dmu, drho), oracle, same_dtype):
         assert_close_to_oracle(name, value, reference, baseline, dtype if name != "kl" else torch.float32)
 
@@ -96,6 +97,11 @@ def test_kl_of_a_vanishing_sigma_stays_finite(backend, prior_sigma):
     assert layer_kl.item() == pytest.approx(expected.sum().item(), rel=1e-5)
     torch.testing.assert_close(drho.double().cpu(), 0.75 * grad_rho, rtol=1e-4, atol=0)
     torch.testing.assert_close(dmu.double().cpu(), 0.75 * mu64 / prior_sigma**2, rtol=1e-5, atol=0)
+    # below float32's smallest normal sigma (rho < -87) 1 / sigma, and so the gradient, overflows: the KL is
+    # infinite there, as before, so that a training loop stops at once instead of taking a non-finite step
+    with bk.use_backend(backend):
+        assert bk.gaussian_kl(f32(torch.zeros(2)), f32(torch.tensor([-95.0, -3.0])), None, prior_sigma,
+                              sigma_param="softplus").item() == math.inf
 
 
 def test_kl_closed_form_single_element():

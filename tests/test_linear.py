@@ -24,7 +24,8 @@ def make_inputs(lead, n, k, dtype, param_dtype, device, sigma_param, with_bias=T
     bias = torch.randn(n, dtype=torch.float64) * 0.1 if with_bias else None
     prior = mu + 0.01 * torch.randn(n, k, dtype=torch.float64) if with_prior else None
     cast = lambda t, d: None if t is None else t.to(device=device, dtype=d)  # noqa: E731
-    return cast(x, dtype), cast(mu, param_dtype), cast(rho, param_dtype), cast(bias, param_dtype), cast(prior, param_dtype)
+    return (cast(x, dtype), cast(mu, param_dtype), cast(rho, param_dtype), cast(bias, param_dtype),
+            cast(prior, param_dtype))
 
 
 def run_with_grads(fn, x, mu, rho, bias, grad_seed=1):

@@ -67,11 +67,20 @@ def test_smoke_study_end_to_end(tmp_path, capsys):
         assert f"({figure})" in report
     assert "## Answers" in report and "| baseline |" in report
 
-    # a second run reuses the cached pretraining and runs, and reproduces every number
+    # a second run reuses the cached pretraining and runs, and reproduces every number; it removes nothing a study
+    # did not write (a figure of the user's, a JSON copy kept beside the report)
+    (out / "samples-mine.png").write_bytes(b"mine")
+    (out / "study-notes.json").write_text('{"my": "notes"}')
+    inside_copy = out / "study-copy.json"
+    assert main(["--out", str(out), "--preset", "smoke", "--no-progress", "--json", str(inside_copy)]) == 0
     assert main(["--out", str(out), "--preset", "smoke", "--no-progress"]) == 0
+    assert (out / "samples-mine.png").read_bytes() == b"mine" and (out / "study-notes.json").exists()
+    assert json.loads(inside_copy.read_text())["runs"] == result["runs"]
     again = json.loads((out / "study-smoke.json").read_text())
     assert again["pretraining"]["cached"] and again["classifier"]["cached"]
     assert again["timing"]["runs_cached"] == again["timing"]["runs"] == 2
+    assert again["files"] == ["curves.png", "training.png", "shots.png", "samples-baseline.png", "samples-bnn.png",
+                              "report.md"]
     assert again["runs"] == result["runs"] and again["summary"] == result["summary"]
 
     # a study with other settings does not replace this one's report unless asked to
@@ -81,7 +90,8 @@ def test_smoke_study_end_to_end(tmp_path, capsys):
         main(["--out", str(out), "--preset", "smoke", "--no-progress", "--steps", "6", "--methods", "bnn"])
     assert refused.value.code == 2
     message = capsys.readouterr().err
-    assert "holds another study: study-smoke.json, written by `python -m bnn_diffusion.study --out" in message
+    assert "holds another study: " in message
+    assert "study-smoke.json, written by `python -m bnn_diffusion.study --out" in message
     assert "--overwrite" in message
     assert (out / "report.md").read_bytes() == report_before and (out / "samples-baseline.png").exists()
     assert main(["--out", str(out), "--preset", "smoke", "--no-progress", "--steps", "6", "--methods", "bnn",
@@ -89,6 +99,7 @@ def test_smoke_study_end_to_end(tmp_path, capsys):
     replaced = json.loads((out / "study-smoke.json").read_text())
     assert replaced["config"]["finetune_steps"] == 6 and list(replaced["runs"]) == ["bnn"]
     assert not (out / "samples-baseline.png").exists()  # the figure of a method the new report does not show
+    assert (out / "samples-mine.png").exists() and (out / "study-notes.json").exists()
     assert (out / "report.md").read_bytes() != report_before
 
 

@@ -506,6 +506,19 @@ def test_resume_refuses_another_base_model_or_other_images(full_run, tiny_sd, tm
     assert "does not record base_unet, instance_images, class_images: not checked" in caplog.text
 
 
+def test_images_fingerprint_counts_names_and_sizes_or_names_only(tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    first.write_bytes(b"12345")
+    second.write_bytes(b"123")
+    before = trainer.images_fingerprint([first, second])
+    names_only = trainer.images_fingerprint([first, second], sizes=False)
+    assert before.startswith("2 files ") and trainer.images_fingerprint(None) is None
+    second.write_bytes(b"1234")  # a class image regenerated elsewhere: other bytes, the same file
+    assert trainer.images_fingerprint([first, second]) != before
+    assert trainer.images_fingerprint([first, second], sizes=False) == names_only
+    assert trainer.images_fingerprint([first], sizes=False) != names_only
+
+
 def test_weights_fingerprint_sees_one_changed_value_at_a_sampled_place():
     model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.LayerNorm(30))
     before = trainer.weights_fingerprint(model)

@@ -183,6 +183,19 @@ def _table(result: dict) -> list:
     return lines
 
 
+REPORT_NAME = "report.md"
+FIGURES = ("curves.png", "training.png", "shots.png")
+
+
+def sample_figure(method: str) -> str:
+    return f"samples-{method}.png"
+
+
+def report_files(methods) -> list:
+    """The names of the files ``write_report`` writes for a study of ``methods``: figures, then the report."""
+    return [*FIGURES, *(sample_figure(m) for m in methods), REPORT_NAME]
+
+
 def write_report(result: dict, grids: dict, shots: dict, out: Path, mark: str = "") -> list:
     """Write the figures and ``report.md`` (its first line ``mark``, when given) into ``out``; returns the paths
     written, the report's last.
@@ -197,7 +210,7 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path, mark: str = 
     first_seed = result["config"]["seeds"][0]
     sample_figures = []
     for method in result["runs"]:
-        name = f"samples-{method}.png"
+        name = sample_figure(method)
         plot_samples(grids[(method, first_seed)], method, first_seed, out / name)
         sample_figures.append((method, name))
 
@@ -250,7 +263,8 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path, mark: str = 
         "",
         "## Table",
         "",
-        "Mean ± std over seeds (sample std, ddof 1). Noise = high-frequency energy of the samples / that of real digits of the class "
+        "Mean ± std over seeds (sample std, ddof 1). Noise = high-frequency energy of the samples / that of real "
+        "digits of the class "
         "(1 = as smooth as real digits); peak noise = each seed's peak over steps > 0 after 3-point smoothing, "
         "averaged (the Answers give the peak of the seed-averaged curve; the step is that curve's). NN distance = "
         "RMS pixel distance to the nearest training shot (lower = closer to copying).",
@@ -282,12 +296,11 @@ def write_report(result: dict, grids: dict, shots: dict, out: Path, mark: str = 
         f"({result['timing']['runs_cached']} of {result['timing']['runs']} run(s) loaded from the cache).",
         "",
     ]
-    path = out / "report.md"
+    path = out / REPORT_NAME
     temporary = path.with_name(path.name + f".tmp{os.getpid()}")
     temporary.write_text("\n".join(lines))
     os.replace(temporary, path)
-    return [out / "curves.png", out / "training.png", out / "shots.png",
-            *[out / name for _, name in sample_figures], path]
+    return [out / name for name in report_files(result["runs"])]
 
 
 def _trained_or_loaded(info: dict) -> str:

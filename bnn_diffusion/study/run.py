@@ -28,12 +28,13 @@ import torch
 
 from .analysis import aggregate, summarize_method, verdict
 from .classifier import unseen_by_classifier
-from .config import METHODS, PRESETS, StudyConfig, config_for
+from .config import CLASSIFIER_VERSION, METHODS, PRESETS, PRETRAIN_VERSION, StudyConfig, config_for
 from .data import few_shot_indices, load_digits_images
 from .finetune import RunResult, finetune_run
 from .metrics import Reference
 from .models import NUM_CLASSES, make_noise_scheduler, sample_images
 from .pretrain import pretrained_classifier, pretrained_diffusion
+from .report import REPORT_NAME, report_files, write_report
 
 __all__ = ["run_study", "main", "build_parser"]
 
@@ -41,9 +42,7 @@ __all__ = ["run_study", "main", "build_parser"]
 _NOT_RUN_FIELDS = {"preset", "methods", "seeds", "threads"}
 # settings that do not change the study's numbers (up to float rounding)
 _NOT_STUDY_FIELDS = {"threads"}
-REPORT_NAME = "report.md"
 REPORT_MARK = "<!-- bnn-diffusion study {key} -->"
-FIGURES = ("curves.png", "training.png", "shots.png")
 # part of a cached run's key: raised whenever a run computes something else for the same settings, so that runs
 # cached by an earlier version are not mixed in (2: shots unseen by the classifier, drawn in turn; loss without KL)
 RUN_VERSION = 2
@@ -86,7 +85,8 @@ def _seen_class_fidelity(config: StudyConfig, pretrained, classifier) -> float:
     conditioner = pretrained.conditioner
     with torch.no_grad():
         null = conditioner(torch.tensor([conditioner.null_label]))
-        samples = sample_images(pretrained.unet, conditioner(labels), null, noise, noise_scheduler=make_noise_scheduler(config), steps=config.sampler_steps,
+        samples = sample_images(pretrained.unet, conditioner(labels), null, noise,
+                                noise_scheduler=make_noise_scheduler(config), steps=config.sampler_steps,
                                 guidance_scale=config.guidance_scale)
     probs, _ = classifier.predict(samples)
     return probs[torch.arange(len(labels)), labels].mean().item()
@@ -110,23 +110,32 @@ def study_key(config: StudyConfig) -> str:
 
 
 def _earlier_study(out: Path, config: StudyConfig) -> tuple:
-    """``(files, conflict)``: the files an earlier study wrote into ``out`` (its JSON, report and figures), and a
-    description of that study when it is another one than ``config`` (None when it is the same, or none)."""
+    """``(files, conflict)``: the files earlier studies wrote into ``out`` (each study's ``study-<preset>.json``
+    and the report and figures it lists; not ``--json`` copies), and a description of those that are another study
+    than ``config`` (None when every one is the same study, or there is none).  Files that no study's JSON lists
+    are never counted: a study only ever removes what a study wrote."""
     key = study_key(config)
     conflicts, files = [], []
     for path in sorted(out.glob("study-*.json")):
-        files.append(path)
         try:
             earlier = json.loads(path.read_text())
-            same = study_key(StudyConfig(**_as_config_fields(earlier["config"]))) == key
-        except (OSError, ValueError, KeyError, TypeError):
-            conflicts.append(f"{path.name} (unreadable)")
+        except (OSError, ValueError):
+            continue  # not a study's (a study writes its JSON whole): left alone
+        if not (isinstance(earlier, dict) and isinstance(earlier.get("config"), dict)):
             continue
+        recorded = earlier["config"]
+        listed = earlier.get("files") or report_files(recorded.get("methods", ()))  # before "files" was kept
+        files += [out / name for name in listed if Path(name).name == name]
+        if path.name == f"study-{recorded.get('preset')}.json":  # the study's own JSON, not a --json copy
+            files.append(path)
+        try:
+            same = study_key(StudyConfig(**_as_config_fields(recorded))) == key
+        except (TypeError, ValueError):  # settings an earlier version allowed
+            same = False
         if not same:
             conflicts.append(f"{path.name}, written by `{earlier.get('command', '?')}`")
     report = out / REPORT_NAME
     if report.exists():
-        files.append(report)
         first = report.read_text(errors="replace").splitlines()[:1]
         if not first or first[0] != REPORT_MARK.format(key=key):
             if not first or not first[0].startswith(REPORT_MARK.split("{")[0]):
@@ -134,9 +143,7 @@ def _earlier_study(out: Path, config: StudyConfig) -> tuple:
                                  f"by an older version)")
             elif not conflicts:
                 conflicts.append(f"{REPORT_NAME}, the report of a study with other settings")
-    files += [out / name for name in FIGURES if (out / name).exists()]
-    files += sorted(out.glob("samples-*.png"))
-    return files, ("; ".join(conflicts) or None)
+    return [f for f in files if f.exists()], ("; ".join(conflicts) or None)
 
 
 def _as_config_fields(recorded: dict) -> dict:
@@ -154,7 +161,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def _run_paths(cache: Path, config: StudyConfig, method: str, seed: int) -> tuple:
     fields = tuple(f.name for f in dataclasses.fields(StudyConfig) if f.name not in _NOT_RUN_FIELDS)
-    stem = cache / "runs" / f"{config.key(fields)}-v{RUN_VERSION}" / f"{method}-seed{seed}"
+    # a run fine-tunes the pretrained model and is judged by the classifier: their code versions are in its key
+    versions = f"v{RUN_VERSION}-p{PRETRAIN_VERSION}-c{CLASSIFIER_VERSION}"
+    stem = cache / "runs" / f"{config.key(fields)}-{versions}" / f"{method}-seed{seed}"
     return stem.with_suffix(".json"), stem.with_suffix(".npz")
 
 
@@ -188,8 +197,6 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
     ``out`` may hold the report of the same study (rewritten) or none; FileExistsError, before anything runs, when
     it holds another study's report or JSON, unless ``overwrite``.  Either way the earlier study's JSON and
     figures are removed once the new results are written, so none of them is left stale beside the new report."""
-    from .report import write_report
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file, not a directory")
@@ -263,6 +270,7 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
         "command": command or "bnn_diffusion.study.run_study",
         "json_files": [str(out / json_name)] + ([str(json_copy)] if json_copy is not None else []),
         "report": str(out / REPORT_NAME),
+        "files": report_files(config.methods),  # what this study writes into out, besides this JSON
         "timing": {"pretrain_seconds": pretrain_seconds, "finetune_seconds": time.perf_counter() - finetune_begin,
                    "total_seconds": time.perf_counter() - begin, "runs": len(config.seeds) * len(config.methods),
                    "runs_cached": cached_runs},
@@ -273,8 +281,11 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
     if json_copy is not None:
         _write_text_atomic(Path(json_copy), text)
     written = write_report(result, grids, shots, out, mark=REPORT_MARK.format(key=study_key(config)))
-    for stale in set(earlier_files) - set(written) - {out / json_name}:
-        stale.unlink(missing_ok=True)
+    keep = {*written, out / json_name, *([Path(json_copy)] if json_copy is not None else [])}
+    keep = {path.resolve() for path in keep}
+    for stale in earlier_files:
+        if stale.resolve() not in keep:
+            stale.unlink(missing_ok=True)
     return result
 
 

@@ -61,10 +61,12 @@ def kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR: tl.constexpr):
         diff = mu
     inv_ps2 = 2.0 * half_inv_ps2
     ratio = sigma * sigma * inv_ps2
-    # where sigma^2 nears underflow (sigma.LOG_RATIO_FLOOR), log r = 2 log sigma + log(1 / ps^2): a finite KL
+    # where sigma^2 nears underflow (sigma.log_ratio), log r = 2 log sigma + log(1 / ps^2): a finite KL, but -inf
+    # below float32's smallest normal sigma, where the gradient (1 / sigma) is not finite either
     tiny = ratio < 1e-30
-    log_r = tl.where(tiny, 2.0 * tl.log(tl.where(tiny, sigma, 1.0)) + tl.log(inv_ps2),
-                     tl.log(tl.where(tiny, 1.0, ratio)))
+    fallback = 2.0 * tl.log(tl.where(tiny, sigma, 1.0)) + tl.log(inv_ps2)
+    fallback = tl.where(sigma < 1.1754943508222875e-38, float("-inf"), fallback)
+    log_r = tl.where(tiny, fallback, tl.log(tl.where(tiny, 1.0, ratio)))
     return 0.5 * (ratio - 1.0 - log_r) + diff * diff * half_inv_ps2
 
 

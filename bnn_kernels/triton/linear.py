@@ -38,8 +38,8 @@ epilogues elementwise, as the conv's lrt).
 
 ``auto`` picks the cuBLAS variants (transient, composition) wherever tl.dot has no tensor cores
 (``common.fused_dots_use_tensor_cores``: below sm_80, i.e. a T4 or an RTX 20xx, and for float32 x unless torch
-allows tf32), whose fused kernels would run their GEMMs as FMA loops.  All variants honour the memory contract (autograd keeps the inputs and the seed; lrt also the
-output-sized std) and give the same noise.
+allows tf32), whose fused kernels would run their GEMMs as FMA loops.  All variants honour the memory contract
+(autograd keeps the inputs and the seed; lrt also the output-sized std) and give the same noise.
 """
 from __future__ import annotations
 
