@@ -806,7 +806,7 @@ class TrainResult:
     bayesian_layers: list = field(default_factory=list)
 
 
-def _resume_config(args: argparse.Namespace, num_processes: int, base_unet: str, instance_images: str,
+def _resume_config(args: argparse.Namespace, num_processes: int, base_unet: Optional[str], instance_images: str,
                    class_images: Optional[str]) -> dict:
     """What a checkpoint records and a resume must match: the flags of RESUME_KEYS, the process count, and
     fingerprints of the base UNet's weights and of the image lists (the batch stream indexes the images)."""
@@ -841,6 +841,18 @@ def images_fingerprint(images: Optional[list], sizes: bool = True) -> Optional[s
     return f"{len(images)} files {digest.hexdigest()[:16]}"
 
 
+def check_resume_config(checkpoint: Path, config: dict) -> dict:
+    """The checkpoint's training state, after checking that it was written with ``config`` (the keys of ``config``
+    it records; a UsageError naming every one that differs)."""
+    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    recorded = state["config"]
+    changed = {k: (recorded[k], v) for k, v in config.items() if k in recorded and recorded[k] != v}
+    if changed:
+        raise UsageError(f"--resume_from_checkpoint {str(checkpoint)!r} was written with other settings: "
+                         + ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
+    return state
+
+
 def _start_or_resume(accelerator, args: argparse.Namespace, checkpoint: Optional[Path], config: dict) -> tuple:
     """(step, data seed) to start from: (0, --seed or a random seed shared by all processes) for a fresh run; for
     a resumed one, the checkpoint's, after checking it was written with the same ``config`` and loading it (model,
@@ -852,15 +864,10 @@ def _start_or_resume(accelerator, args: argparse.Namespace, checkpoint: Optional
 
             broadcast_object_list(seed)
         return 0, int(seed[0])
-    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    recorded = state["config"]
-    unrecorded = [key for key in config if key not in recorded]  # a checkpoint of an earlier version of the trainer
+    state = check_resume_config(checkpoint, config)
+    unrecorded = [key for key in config if key not in state["config"]]  # written by an earlier version
     if unrecorded:
         logger.warning("%s does not record %s: not checked", checkpoint, ", ".join(unrecorded))
-    changed = {k: (recorded[k], v) for k, v in config.items() if k in recorded and recorded[k] != v}
-    if changed:
-        raise UsageError(f"--resume_from_checkpoint {str(checkpoint)!r} was written with other settings: "
-                         + ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items()))
     accelerator.load_state(str(checkpoint))
     accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
     return int(state["global_step"]), int(state["data_seed"])
@@ -981,6 +988,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
+    if resume_from is not None:  # the flags and instance images now; the base model and class images once known
+        early = _resume_config(args, accelerator.num_processes, None, images_fingerprint(instance_images), None)
+        check_resume_config(resume_from, {k: v for k, v in early.items() if k not in ("base_unet", "class_images")})
 
     class_images = None
     if args.with_prior_preservation:

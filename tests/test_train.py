@@ -475,7 +475,7 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(full_run, tiny_sd,
         trainer.main(_argv(tiny_sd, other, "--resume_from_checkpoint", str(tmp_path)))
 
 
-def test_resume_refuses_another_base_model_or_other_images(full_run, tiny_sd, tmp_path, caplog):
+def test_resume_refuses_another_base_model_or_other_images(full_run, tiny_sd, tmp_path, caplog, monkeypatch):
     """The checkpoint's trainable state belongs to its base UNet, and the batch stream indexes its image list: a
     resume with other base weights, or with images added or replaced, is refused, naming what changed; a
     checkpoint that records neither is resumed with a warning."""
@@ -488,8 +488,13 @@ def test_resume_refuses_another_base_model_or_other_images(full_run, tiny_sd, tm
         trainer.main(_argv((retrained, tiny_sd[1]), other, *flags))
     more = shutil.copytree(tiny_sd[1], tmp_path / "more-images")
     shutil.copy(more / sorted(p.name for p in more.iterdir())[0], more / "zz-copy.png")
-    with pytest.raises(SystemExit, match=r"other settings: instance_images '3 files [0-9a-f]{16}' \(now '4 files "):
-        trainer.main(_argv((tiny_sd[0], more), other, *flags))
+    loads = []
+    with monkeypatch.context() as patched:
+        real_load = trainer.load_components
+        patched.setattr(trainer, "load_components", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+        with pytest.raises(SystemExit, match=r"other settings: instance_images '3 files [0-9a-f]{16}' \(now '4 "):
+            trainer.main(_argv((tiny_sd[0], more), other, *flags))
+    assert loads == []  # refused before the model was loaded
     replaced = shutil.copytree(tiny_sd[1], tmp_path / "replaced-images")
     first = sorted(replaced.iterdir())[0]
     tiny_pipeline.write_instance_images(tmp_path / "fresh", count=4, size=20)
