@@ -83,11 +83,11 @@ def _conv(dtype, estimator, has_bias, has_prior, sigma_param):
     return run
 
 
-def _lora(dtype, estimator, bayes, has_bias, sigma_param, m=512, n=640, k=320, rank=4):
+def _lora(dtype, estimator, bayes, has_bias, sigma_param, m=512, n=640, k=320, rank=4, base_dtype=None):
     def run():
         x = torch.randn(m, k, dtype=dtype)
-        weight = torch.randn(n, k, dtype=dtype) * 0.05
-        bias = torch.randn(n, dtype=dtype) if has_bias else None
+        weight = torch.randn(n, k, dtype=base_dtype or dtype) * 0.05
+        bias = torch.randn(n, dtype=base_dtype or dtype) if has_bias else None
         lora_a, lora_b = torch.randn(rank, k) * 0.05, torch.randn(n, rank) * 0.05
         rho = torch.full((rank, k) if bayes == "A" else (n, rank), 0.01)
         y, _, h, aux = backend.lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, _seed(), 0.25, bayes, 0.01,
@@ -111,9 +111,12 @@ LINEAR_VARIANTS = {"every": (("reparam", "fused"), ("reparam", "transient"), ("l
                    "auto": (("reparam", "auto"), ("lrt", "auto"))}
 
 
-def cases(dtypes: List[str], flag_sets=FLAG_SETS, lora_ranks=(4,), variants="every") -> Iterator[Case]:
+def cases(dtypes: List[str], flag_sets=FLAG_SETS, lora_ranks=(4,), variants="every",
+          lora_base: str = "same") -> Iterator[Case]:
     """Every launcher and estimator (and each linear variant, or the library's pick), per dtype and flag set; the
-    LoRA ops at each rank."""
+    LoRA ops at each rank, over a frozen weight in x's dtype (``lora_base`` "same") or in ``lora_base``."""
+    base_dtype = None if lora_base == "same" else DTYPES[lora_base]
+    base = "" if base_dtype is None else f" base={lora_base}"
     for has_prior, sigma_param in sorted({(prior, sigma) for _, prior, sigma in flag_sets}):
         yield Case(f"kl+philox prior={has_prior} {sigma_param}", _kl_and_noise(has_prior, sigma_param))
     for name in dtypes:
@@ -127,19 +130,21 @@ def cases(dtypes: List[str], flag_sets=FLAG_SETS, lora_ranks=(4,), variants="eve
                 yield Case(f"conv {estimator} {flags}", _conv(dtype, estimator, has_bias, has_prior, sigma_param))
                 for bayes in ("A", "B"):
                     for rank in lora_ranks:
-                        yield Case(f"lora r{rank} {estimator} bayes={bayes} {name} bias={has_bias} {sigma_param}",
-                                   _lora(dtype, estimator, bayes, has_bias, sigma_param, rank=rank))
+                        yield Case(f"lora r{rank} {estimator} bayes={bayes} {name}{base} bias={has_bias} "
+                                   f"{sigma_param}",
+                                   _lora(dtype, estimator, bayes, has_bias, sigma_param, rank=rank,
+                                         base_dtype=base_dtype))
 
 
 def compile_all(dtypes: List[str], configs: str, arch: int, flag_sets=FLAG_SETS, lora_ranks=(4,),
-                case_pattern: str = "", variants: str = "every") -> List[dict]:
+                case_pattern: str = "", variants: str = "every", lora_base: str = "same") -> List[dict]:
     """Run every case (those whose label matches ``case_pattern``, a regular expression) inside ``aot.capture``; one
     record per compiled (kernel, specialisation, config)."""
     records, seen = [], set()
     variant_envs = (backend.linear.REPARAM_ENV, backend.linear.LRT_ENV)
     saved = {env: os.environ.get(env) for env in variant_envs}
     try:
-        for case in cases(dtypes, flag_sets, lora_ranks, variants):
+        for case in cases(dtypes, flag_sets, lora_ranks, variants, lora_base):
             if not re.search(case_pattern, case.label):
                 continue
             with aot.capture(arch=arch, autotune_configs=configs) as launches:
@@ -225,6 +230,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora-variant", choices=["auto", "fused"], default="auto",
                         help="BNN_TRITON_LORA for the lora cases: what the library runs, or the fused kernels in every "
                              "dtype")
+    parser.add_argument("--lora-base-dtype", choices=["same", *sorted(DTYPES)], default="same",
+                        help="the lora cases' frozen weight: in x's dtype, or in this one (float32: a float32 base "
+                             "under 16-bit x)")
     parser.add_argument("--fused-max-rank", type=int, default=None,
                         help="what-if: fuse the LoRA kernels up to this padded rank instead of FUSED_MAX_RANK")
     parser.add_argument("--json", default=None, help="write every record here")
@@ -234,7 +242,7 @@ def main(argv=None) -> dict:
         backend.lora.FUSED_MAX_RANK = args.fused_max_rank
     flag_sets = FLAG_SETS if args.flag_sets == "all" else FLAG_SETS[:1]
     records = compile_all(args.dtypes, args.configs, args.arch, flag_sets, tuple(args.lora_ranks), args.cases,
-                          args.variants)
+                          args.variants, args.lora_base_dtype)
     print_table(records)
     summary = kernel_summary(records)
     limit = aot.SHARED_MEMORY_PER_BLOCK[args.arch]
@@ -251,7 +259,7 @@ def main(argv=None) -> dict:
                               "shared_memory_per_block": limit},
               "settings": {"configs": args.configs, "dtypes": args.dtypes, "flag_sets": args.flag_sets,
                            "lora_ranks": args.lora_ranks, "cases": args.cases, "variants": args.variants,
-                           "lora_variant": args.lora_variant,
+                           "lora_variant": args.lora_variant, "lora_base_dtype": args.lora_base_dtype,
                            "fused_max_rank": backend.lora.FUSED_MAX_RANK},
               "kernels": summary, "records": records}
     if args.json:

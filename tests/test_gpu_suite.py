@@ -94,12 +94,13 @@ def test_without_diffusers_the_e2e_stage_is_reported_and_its_floor_freed(tmp_pat
 def test_autotune_switch_sets_the_config_lists(value):
     """BNN_TRITON_AUTOTUNE=0 leaves each autotuned kernel one config (what the suite's GPU tests run with)."""
     code = ("from bnn_kernels.triton import linear, lora; "
-            "print(len(linear._reparam_fwd_kernel.configs), len(lora._lora_fwd_kernel.configs))")
+            "print(len(linear._reparam_fwd_kernel.configs), len(lora._lora_fwd_tuned.configs), "
+            "len(lora._lora_fwd_wide_base_tuned.configs))")
     env = {**os.environ, "TRITON_INTERPRET": "0", "BNN_TRITON_AUTOTUNE": value}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = [int(n) for n in done.stdout.split()]
-    assert (counts == [1, 1]) if value == "0" else min(counts) > 1
+    assert (counts == [1, 1, 1]) if value == "0" else min(counts) > 1
 
 
 @pytest.mark.parametrize("value", [None, "0", "1"])

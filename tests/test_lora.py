@@ -351,8 +351,10 @@ def test_triton_lora_variant_follows_the_rank_the_dtype_and_the_setting(monkeypa
             launches.append(grid)
             return self.kernel[grid]
 
-    for name in ("_lora_fwd_kernel", "_lora_rank_grad_kernel", "_lora_dx_kernel"):
+    for name in ("_lora_rank_grad_kernel", "_lora_dx_kernel"):
         monkeypatch.setattr(triton_lora, name, Recording(getattr(triton_lora, name)))
+    for wide_base, forward in list(triton_lora._TUNED_FWD.items()):  # the forward, by the base weight's width
+        monkeypatch.setitem(triton_lora._TUNED_FWD, wide_base, Recording(forward))
     x, weight, bias, lora_a, lora_b, rho = linear_inputs((3,), 9, 16, rank, "B", "softplus",
                                                          (dtype, dtype, torch.float32), device_for("triton"))
     lora_b.requires_grad_()

@@ -36,6 +36,9 @@ RUNS = (
     (90, ["--dtypes", "float32", "float16", "--flag-sets", "paper"]),
     (86, ["--dtypes", "float32", "bfloat16", "float16", "--flag-sets", "paper",
           "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
+    # a float32 frozen weight under bfloat16 x: twice the weight tile's bytes
+    (86, ["--dtypes", "bfloat16", "--flag-sets", "paper", "--cases", "^lora", "--lora-base-dtype", "float32",
+          "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
     # RTX 50xx (consumer Blackwell): mma.sync, not Hopper's wgmma, and 99 KiB per block
     (120, ["--dtypes", "bfloat16", "float16", "--flag-sets", "paper", "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
     # T4 / RTX 20xx: what the library launches there (its tl.dot has no tensor cores: the GEMMs go to cuBLAS)

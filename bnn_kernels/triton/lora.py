@@ -53,10 +53,15 @@ LORA_VARIANTS = ("fused", "composition")
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the forward holds the (BM, BN) base accumulator and a
 # (BM, R) rank accumulator; dx tiles M x K and loops over N.
-_FWD_CONFIGS = gemm_configs([
+_FWD_TILES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
-])
+]
+_FWD_CONFIGS = gemm_configs(_FWD_TILES)
+# A 4-byte frozen weight under 16-bit x (a float32 base, as the API allows) doubles the weight tile: the first tile
+# then needs 100-104 KiB, over the 99 KiB an RTX 30xx/40xx/50xx block has (benchmarks/NOTES.md, "Shared memory on
+# consumer GPUs").  The same tiles, led by one that fits there, so that BNN_TRITON_AUTOTUNE=0 runs on those GPUs too.
+_FWD_WIDE_BASE_CONFIGS = gemm_configs([_FWD_TILES[1], _FWD_TILES[0], *_FWD_TILES[2:]])
 _DX_CONFIGS = gemm_configs([
     (128, 64, 128, 8, 3), (128, 32, 128, 4, 4), (64, 64, 128, 4, 3),
     (128, 64, 64, 4, 4), (64, 32, 64, 4, 3),
@@ -99,7 +104,6 @@ def _zero_tile(ROWS: tl.constexpr, COLS: tl.constexpr):
 # forward
 # ----------------------------------------------------------------------------------------------------------------
 
-@tuned(_FWD_CONFIGS, key=("M", "N", "K", "R", *_FLAGS))
 @triton.jit
 def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s2_ptr, seed_ptr, y_ptr, h_ptr, aux_ptr,
                      M, N, K, r, scale,
@@ -165,6 +169,13 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s2_ptr, seed_ptr, y_p
     else:
         _lora_fwd_epilogue(acc, h, offs_m, offs_n, offs_r, b_ptr, s2_ptr, bias_ptr, seed, y_ptr, M, N, r, scale,
                            HAS_BIAS, False, VAR_FP32, DOT_PREC)
+
+
+# the autotuned forward, by whether the frozen weight has 4-byte elements (its config order; see above)
+_FWD_KEY = ("M", "N", "K", "R", *_FLAGS)
+_lora_fwd_tuned = tuned(_FWD_CONFIGS, key=_FWD_KEY)(_lora_fwd_kernel)
+_lora_fwd_wide_base_tuned = tuned(_FWD_WIDE_BASE_CONFIGS, key=_FWD_KEY)(_lora_fwd_kernel)
+_TUNED_FWD = {False: _lora_fwd_tuned, True: _lora_fwd_wide_base_tuned}
 
 
 @triton.jit
@@ -349,7 +360,7 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, rho, seed, scale, bayes, pr
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     h = torch.empty((M, r), dtype=torch.float32, device=x.device)
     aux = torch.empty((M, r) if flags["BAYES_A"] and flags["LRT"] else (0,), dtype=torch.float32, device=x.device)
-    _lora_fwd_kernel[_grid(M, N, "BLOCK_M", "BLOCK_N")](
+    _TUNED_FWD[weight.element_size() == 4][_grid(M, N, "BLOCK_M", "BLOCK_N")](
         x, weight, weight if bias is None else bias, a_op, b_op, a_op if s2 is None else s2, seed, y, h,
         h if aux.numel() == 0 else aux, M, N, K, r, float(scale), HAS_BIAS=bias is not None, R=padded_rank(r),
         **flags, **interpreter_meta(), **FP_FUSION)
