@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import FIDELITY_TOLERANCE, MITIGATION, NOISE_METRIC, RISE
+from .analysis import FIDELITY_TOLERANCE, MITIGATION, RISE
 from .config import METHODS
 from .metrics import METRICS
 
