@@ -30,25 +30,16 @@ def sigma_from_rho(rho: torch.Tensor, sigma_param: str) -> torch.Tensor:
 
 
 def gaussian_kl_terms(mu: torch.Tensor, sigma: torch.Tensor, prior_mu, prior_sigma: float) -> torch.Tensor:
-    """Elementwise KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)); prior_mu None means 0."""
+    """Elementwise KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)); prior_mu None means 0.
+
+    log(ps/sigma) + (sigma^2 + diff^2) / (2 ps^2) - 1/2 is evaluated as ((s - 1)(s + 1) - 2 log s) / 2
+    + diff^2 / (2 ps^2) with s = sigma / ps:
+    - one logarithm, no cancellation of two: exactly 0 at the prior, no negative float32 sums near it;
+    - no sigma^2 to underflow: the KL of a vanishing sigma stays finite (about -log sigma);
+    - +inf below the dtype's smallest normal sigma (softplus rho < -87 in float32), where the gradient, through
+      1 / sigma, is not finite either: a training loop stops at once instead of taking a non-finite step.
+    """
     diff = mu if prior_mu is None else mu - prior_mu.to(mu.dtype)
-    # log(ps/sigma) + (sigma^2 + diff^2) / (2 ps^2) - 1/2 as (r - 1 - log r) / 2 + diff^2 / (2 ps^2), r = sigma^2/ps^2:
-    # no cancellation of two logarithms (0 at the prior; no negative float32 sums near it)
-    ratio = sigma * sigma / (prior_sigma * prior_sigma)
-    return 0.5 * (ratio - 1.0 - log_ratio(ratio, sigma, prior_sigma)) + diff * diff / (2.0 * prior_sigma * prior_sigma)
-
-
-# Below it, sigma^2 nears float32's underflow and log r is taken as 2 (log sigma - log ps) instead.
-LOG_RATIO_FLOOR = 1e-30
-
-
-def log_ratio(ratio: torch.Tensor, sigma: torch.Tensor, prior_sigma: float) -> torch.Tensor:
-    """log r, r = sigma^2 / ps^2: log(ratio) (exact near the prior, where the KL term is r - 1 - log r ~ (r-1)^2/2),
-    and 2 (log sigma - log ps) where ratio < LOG_RATIO_FLOOR (a softplus rho below about -44 in float32: sigma^2
-    underflows, and log(0) would make a finite KL infinite).  A sigma below the dtype's smallest normal number
-    (softplus rho < -87 in float32) gives -inf, so an infinite KL: its gradient, through 1 / sigma, is not finite
-    there either, and a finite KL would let it into the weights."""
-    tiny = ratio < LOG_RATIO_FLOOR
-    fallback = torch.where(sigma < torch.finfo(sigma.dtype).tiny, -math.inf,
-                           2.0 * (torch.log(sigma) - math.log(prior_sigma)))
-    return torch.where(tiny, fallback, torch.log(torch.where(tiny, 1.0, ratio)))
+    s = sigma * (1.0 / prior_sigma)
+    log_s = torch.where(sigma < torch.finfo(sigma.dtype).tiny, -math.inf, torch.log(s))
+    return 0.5 * ((s - 1.0) * (s + 1.0) - 2.0 * log_s) + diff * diff / (2.0 * prior_sigma * prior_sigma)

@@ -80,6 +80,7 @@ template <typename T, bool kSoftplus, bool kPrior, bool kKl, bool kEps>
 BNN_INLINE double sample_loop(PhiloxKey key, uint64_t offset, const PosteriorBlock<T>& post, const PriorTerms& prior,
                               T* w, float* eps_out, int64_t begin, int64_t end) {
   BNN_UNPACK_POSTERIOR(post)
+  const T inv_sigma = static_cast<T>(prior.inv_sigma);
   const T inv_two_var = static_cast<T>(prior.inv_two_var);
   double kl = 0.0;
 #pragma omp simd reduction(+ : kl)
@@ -89,7 +90,8 @@ BNN_INLINE double sample_loop(PhiloxKey key, uint64_t offset, const PosteriorBlo
     w[i] = mu_ptr[i] + sigma * static_cast<T>(eps);
     if (kEps) eps_out[i] = eps;
     if (kKl)
-      kl += static_cast<double>(kl_term(sigma, prior_diff<T, kPrior>(mu_ptr, prior_ptr, i), inv_two_var));
+      kl += static_cast<double>(
+          kl_term(sigma, prior_diff<T, kPrior>(mu_ptr, prior_ptr, i), inv_sigma, inv_two_var));
   }
   return kl;
 }
@@ -123,6 +125,7 @@ template <typename T, bool kSoftplus, bool kPrior, bool kKl, bool kS2>
 BNN_INLINE double sigma_loop(const PosteriorBlock<T>& post, const PriorTerms& prior, T* s2, int64_t begin,
                              int64_t end) {
   BNN_UNPACK_POSTERIOR(post)
+  const T inv_sigma = static_cast<T>(prior.inv_sigma);
   const T inv_two_var = static_cast<T>(prior.inv_two_var);
   double kl = 0.0;
 #pragma omp simd reduction(+ : kl)
@@ -130,7 +133,8 @@ BNN_INLINE double sigma_loop(const PosteriorBlock<T>& post, const PriorTerms& pr
     const T sigma = sigma_of(rho_ptr[i], kSoftplus);
     if (kS2) s2[i] = sigma * sigma;
     if (kKl)
-      kl += static_cast<double>(kl_term(sigma, prior_diff<T, kPrior>(mu_ptr, prior_ptr, i), inv_two_var));
+      kl += static_cast<double>(
+          kl_term(sigma, prior_diff<T, kPrior>(mu_ptr, prior_ptr, i), inv_sigma, inv_two_var));
   }
   return kl;
 }

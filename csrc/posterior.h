@@ -34,12 +34,14 @@ constexpr double kMinSigma = 1e-7;  // the "direct" parameterisation clamps sigm
 
 // The prior N(prior_mu, prior_sigma^2) and how the KL and its gradient are scaled.
 struct PriorTerms {
+  double inv_sigma;       // 1 / prior_sigma
   double inv_two_var;     // 1 / (2 prior_sigma^2)
   double inv_var;         // 1 / prior_sigma^2
   double grad_scale = 0;  // the upstream gradient of the KL (backward only)
 
   explicit PriorTerms(double prior_sigma, double grad_kl = 0.0)
-      : inv_two_var(0.5 / (prior_sigma * prior_sigma)),
+      : inv_sigma(1.0 / prior_sigma),
+        inv_two_var(0.5 / (prior_sigma * prior_sigma)),
         inv_var(1.0 / (prior_sigma * prior_sigma)),
         grad_scale(grad_kl) {
     TORCH_CHECK(prior_sigma > 0 && std::isfinite(prior_sigma) && std::isfinite(inv_var),
@@ -93,21 +95,15 @@ BNN_INLINE void sigma_and_derivative(T rho, bool softplus_param, T& sigma, T& de
   }
 }
 
-// KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)) of one element, diff = mu - prior_mu.
+// KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)) of one element, diff = mu - prior_mu, as
+// ((s - 1)(s + 1) - 2 log s) / 2 + diff^2 / (2 ps^2), s = sigma / ps (bnn_kernels.sigma.gaussian_kl_terms): one
+// logarithm, 0 at the prior, no sigma^2 to underflow; +inf below T's smallest normal sigma, where the gradient
+// (through 1 / sigma) is not finite either.
 template <typename T>
-BNN_INLINE T kl_term(T sigma, T diff, T inv_two_var) {
-  // (r - 1 - log r) / 2 + diff^2 / (2 ps^2), r = sigma^2 / ps^2: log(ps / sigma) + (sigma^2 + diff^2) / (2 ps^2) - 1/2
-  // without its cancellation of two logarithms (0 at the prior, no negative float sums near it)
-  const T inv_var = T(2) * inv_two_var;
-  const T ratio = sigma * sigma * inv_var;
-  // where sigma^2 nears underflow (bnn_kernels.sigma.log_ratio), log r = 2 log sigma + log(1 / ps^2): a finite KL
-  // where log(0) would give an infinite one; -inf below T's smallest normal sigma, where the gradient (1 / sigma)
-  // is not finite either
-  const bool tiny = ratio < T(1e-30);
-  const bool subnormal = sigma < std::numeric_limits<T>::min();
-  const T fallback = subnormal ? -std::numeric_limits<T>::infinity() : T(2) * vec::log(sigma) + vec::log(inv_var);
-  const T log_r = tiny ? fallback : vec::log(ratio);
-  return T(0.5) * (ratio - T(1) - log_r) + diff * diff * inv_two_var;
+BNN_INLINE T kl_term(T sigma, T diff, T inv_sigma, T inv_two_var) {
+  const T s = sigma * inv_sigma;
+  const T log_s = sigma < std::numeric_limits<T>::min() ? -std::numeric_limits<T>::infinity() : vec::log(s);
+  return T(0.5) * ((s - T(1)) * (s + T(1)) - T(2) * log_s) + diff * diff * inv_two_var;
 }
 
 }  // namespace bnn

@@ -52,22 +52,17 @@ def sigma_and_slope(rho, SOFTPLUS: tl.constexpr):
 
 @triton.jit
 def kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR: tl.constexpr):
-    """Elementwise KL(N(mu, sigma^2) || N(prior, ps^2)) = (r - 1 - log r) / 2 + (mu - prior)^2 / (2 ps^2) with
-    r = sigma^2 / ps^2: the same as log(ps/sigma) + (sigma^2 + (mu - prior)^2)/(2 ps^2) - 1/2, without its
-    cancellation of two logarithms (exactly 0 for the posterior at the prior; no negative float32 sums near it)."""
+    """Elementwise KL(N(mu, sigma^2) || N(prior, ps^2)) = ((s - 1)(s + 1) - 2 log s) / 2 + (mu - prior)^2 / (2 ps^2)
+    with s = sigma / ps, as sigma.gaussian_kl_terms: one logarithm, exactly 0 for the posterior at the prior, no
+    sigma^2 to underflow; +inf below float32's smallest normal sigma, where the gradient (1 / sigma) is not finite
+    either."""
     if HAS_PRIOR:
         diff = mu - prior
     else:
         diff = mu
-    inv_ps2 = 2.0 * half_inv_ps2
-    ratio = sigma * sigma * inv_ps2
-    # where sigma^2 nears underflow (sigma.log_ratio), log r = 2 log sigma + log(1 / ps^2): a finite KL, but -inf
-    # below float32's smallest normal sigma, where the gradient (1 / sigma) is not finite either
-    tiny = ratio < 1e-30
-    fallback = 2.0 * tl.log(tl.where(tiny, sigma, 1.0)) + tl.log(inv_ps2)
-    fallback = tl.where(sigma < 1.1754943508222875e-38, float("-inf"), fallback)
-    log_r = tl.where(tiny, fallback, tl.log(tl.where(tiny, 1.0, ratio)))
-    return 0.5 * (ratio - 1.0 - log_r) + diff * diff * half_inv_ps2
+    s = sigma * tl.sqrt_rn(2.0 * half_inv_ps2)
+    log_s = tl.where(sigma < 1.1754943508222875e-38, float("-inf"), tl.log(s))
+    return 0.5 * ((s - 1.0) * (s + 1.0) - 2.0 * log_s) + diff * diff * half_inv_ps2
 
 
 @triton.jit
