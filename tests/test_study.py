@@ -66,6 +66,13 @@ def test_smoke_study_end_to_end(tmp_path, capsys):
         assert (out / figure).stat().st_size > 1000
         assert f"({figure})" in report
     assert "## Answers" in report and "| baseline |" in report
+    # the real digits' fidelity is also given on those the classifier never saw (the shots excluded)
+    real = result["real"]
+    labels = load_digits_images(8).labels.numpy()
+    unseen_in_class = unseen_by_classifier(len(labels), config.pretrain_seed)[labels == config.holdout_class]
+    assert real["unseen_by_classifier"] == unseen_in_class.sum() - config.shots
+    assert 0 <= real["mean"]["fidelity_unseen"] <= 1
+    assert f"on the {real['unseen_by_classifier']} it never saw it is {real['mean']['fidelity_unseen']:.3f}" in report
 
     # a second run reuses the cached pretraining and runs, and reproduces every number; it removes nothing a study
     # did not write (a figure of the user's, a JSON copy kept beside the report)

@@ -129,11 +129,15 @@ class Reference:
         return cls(target, real, shots, features.double().numpy(), total_variation(real).mean().item(),
                    high_frequency_fraction(real, cutoff).mean().item(), cutoff)
 
-    def real_values(self, classifier: DigitClassifier, samples: int, seed: int) -> dict:
+    def real_values(self, classifier: DigitClassifier, samples: int, seed: int, unseen=None) -> dict:
         """The study's metrics on the real images of the class themselves (what a perfect model would score).
         ``frechet`` is then that of ``samples`` real images drawn by ``seed`` (as many as an evaluation generates,
-        at most half) against the others: its floor at this sample size."""
+        at most half) against the others: its floor at this sample size.  Most real images are in the
+        classifier's training split, so their fidelity is optimistic; given ``unseen`` (those of them it never
+        saw), ``fidelity_unseen`` is the fidelity of those alone."""
         values = evaluate_samples(self.real, classifier, self)
+        if unseen is not None:
+            values["fidelity_unseen"] = classifier.predict(unseen)[0][:, self.target].mean().item()
         _, features = classifier.predict(self.real)
         order = np.random.default_rng(seed).permutation(len(self.real))
         count = min(samples, len(self.real) // 2)

@@ -233,7 +233,8 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
             rest[index] = False
             reference = Reference.build(classifier, config.holdout_class, real_all[torch.from_numpy(rest)],
                                         real_all[torch.from_numpy(index)])
-            real_values[str(seed)] = reference.real_values(classifier, config.eval_samples, seed)
+            unseen = real_all[torch.from_numpy(np.setdiff1d(shot_pool, index))]
+            real_values[str(seed)] = reference.real_values(classifier, config.eval_samples, seed, unseen=unseen)
             shots[seed] = reference.shots[:, 0].numpy()
             for method in config.methods:
                 progress_bar.set_description(f"fine-tune {method} seed {seed}")
@@ -260,7 +261,8 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
         "runs": runs,
         "summary": summaries,
         "verdict": verdict(summaries),
-        "real": {"per_seed": real_values, "mean": real_mean, "count": int(len(real_all) - config.shots)},
+        "real": {"per_seed": real_values, "mean": real_mean, "count": int(len(real_all) - config.shots),
+                 "unseen_by_classifier": int(len(shot_pool) - config.shots)},
         "pretraining": pretrain_info,
         "classifier": classifier_info,
         "trained_layers": trained_layers,
