@@ -146,7 +146,9 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     method.add_argument("--cep_gamma", type=float, default=1.0, help="CEP strength: delta scale gamma / sqrt(d)")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--train_batch_size", type=int, default=4, help="instance images per step and device")
+    opt.add_argument("--train_batch_size", type=int, default=4,
+                     help="instance images per micro-batch and device (a step is --gradient_accumulation_steps "
+                          "micro-batches)")
     opt.add_argument("--max_train_steps", type=int, default=None,
                      help="optimizer steps (overrides --num_train_epochs)")
     opt.add_argument("--num_train_epochs", type=int, default=1,
@@ -191,8 +193,13 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     out.add_argument("--resume_from_checkpoint", default=None,
                      help="a checkpoint directory, or 'latest' (the newest in --output_dir; starts afresh if none)")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="let a fresh run replace the records and result of an earlier run in --output_dir "
+                          "(metrics, validation grids, training_config.json, the weights); its checkpoints are "
+                          "still refused")
     out.add_argument("--validation_prompt", default=None,
-                     help="prompt for the image grids written at each checkpoint and at the end")
+                     help="prompt for the image grids written every --validation_steps (default: at each "
+                          "checkpoint) and at the end")
     out.add_argument("--validation_steps", type=int, default=None,
                      help="write a validation grid every N steps (default: at each checkpoint) and at the end")
     out.add_argument("--num_validation_images", type=int, default=4, help="images per validation grid")
@@ -369,9 +376,20 @@ class Components:
     unet: torch.nn.Module
     noise_scheduler: object
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def vae_scale_factor(vae_config) -> int:
+    """How many pixels a latent spans per side: 2 per down block after the first (8 for Stable Diffusion)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def check_resolution(pretrained, resolution: int) -> None:
+    """UsageError unless ``resolution`` is a multiple of the checkpoint's VAE downsampling factor (read from its
+    config: before class images are generated or the model loads)."""
+    config = json.loads((Path(pretrained) / "vae" / "config.json").read_text(encoding="utf-8"))
+    factor = vae_scale_factor(config)
+    if resolution % factor:
+        raise UsageError(f"--resolution {resolution} must be a multiple of the VAE's downsampling factor {factor}")
 
 
 def load_components(path, variant: Optional[str] = None) -> Components:
@@ -653,6 +671,26 @@ def check_no_later_checkpoints(output_dir, resume_from: Optional[Path]) -> None:
                      f"({', '.join(later)}): resume from the newest (latest), or move those away first")
 
 
+EARLIER_RUN_FILES = (CONFIG_FILE, "metrics.jsonl")  # what every run writes at its start
+
+
+def check_no_earlier_run(output_dir: Path, resume_from: Optional[Path], overwrite: bool) -> None:
+    """UsageError if a fresh run would replace an earlier run's records and result in ``output_dir`` (a finished
+    run that kept no checkpoint, or one whose checkpoints were removed), unless ``overwrite``."""
+    found = [name for name in EARLIER_RUN_FILES if (output_dir / name).exists()]
+    if resume_from is None and found and not overwrite:
+        raise UsageError(f"--output_dir {str(output_dir)!r} holds the records of an earlier run "
+                         f"({', '.join(found)}): choose another --output_dir, or pass --overwrite_output_dir to "
+                         f"replace that run's records and result")
+
+
+def remove_earlier_records(output_dir: Path) -> None:
+    """A fresh run's start: the metrics and validation grids of an earlier run (--overwrite_output_dir) go, so that
+    none is mixed into this run's."""
+    for stale in [output_dir / "metrics.png", *sorted((output_dir / "validation").glob("step-*.png"))]:
+        stale.unlink(missing_ok=True)
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: Optional[int]) -> Path:
     """``accelerator.save_state`` into a temporary directory renamed to ``checkpoint-<step>`` once complete."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -767,7 +805,9 @@ def image_grid(images: list):
 @torch.no_grad()
 def validation_images(components: Components, unet: torch.nn.Module, args: argparse.Namespace, accelerator) -> list:
     """``--num_validation_images`` images of ``--validation_prompt`` from the current posterior means (the UNet in
-    eval mode), with a fixed generator and torch's global random state left untouched."""
+    eval mode), with a fixed generator and torch's global random state left untouched.  One image at a time, as
+    diffusers' DreamBooth scripts: a batch of them (twice that in the UNet, with guidance) and its VAE decode would
+    come on top of the training state, and a GPU that fits training could run out of memory at the first grid."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
@@ -781,11 +821,13 @@ def validation_images(components: Components, unet: torch.nn.Module, args: argpa
     try:
         with torch.random.fork_rng(devices=devices), accelerator.autocast():
             generator = torch.Generator(accelerator.device).manual_seed(args.seed if args.seed is not None else 0)
-            return pipeline([args.validation_prompt] * args.num_validation_images, height=args.resolution,
-                            width=args.resolution, num_inference_steps=args.validation_inference_steps,
-                            generator=generator).images
+            return [pipeline(args.validation_prompt, height=args.resolution, width=args.resolution,
+                             num_inference_steps=args.validation_inference_steps, generator=generator).images[0]
+                    for _ in range(args.num_validation_images)]
     finally:
         unet.train(was_training)
+        if devices:
+            torch.cuda.empty_cache()  # the sampling's activations, back before training goes on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -853,10 +895,33 @@ def check_resume_config(checkpoint: Path, config: dict) -> dict:
     return state
 
 
-def _start_or_resume(accelerator, args: argparse.Namespace, checkpoint: Optional[Path], config: dict) -> tuple:
+def _optimizer_settings(optimizer) -> list:
+    """Each parameter group's settings, everything but its parameters (lr, initial_lr, betas, eps, weight_decay)."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def _apply_optimizer_settings(optimizer, lr_scheduler, settings: list) -> None:
+    """After ``load_state``, which restores the checkpoint's learning rates and Adam settings with its moments: this
+    run's ``settings`` (``_optimizer_settings`` of the optimizer as built from the flags) again, and the schedule's
+    base rates from them, with the rate at the resumed step; the moments and the step count stay the checkpoint's.
+    A resume may so change --learning_rate, --scale_lr, the Adam flags and the schedule."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the torch schedule
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # what diffusers' get_scheduler makes
+        raise TypeError(f"cannot re-base a {type(scheduler).__name__} schedule on resume")
+    for group, fresh in zip(optimizer.param_groups, settings, strict=True):
+        group.update(fresh)
+    scheduler.base_lrs = [fresh["initial_lr"] for fresh in settings]
+    for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * rate(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _start_or_resume(accelerator, args: argparse.Namespace, checkpoint: Optional[Path], config: dict,
+                     optimizer=None, lr_scheduler=None) -> tuple:
     """(step, data seed) to start from: (0, --seed or a random seed shared by all processes) for a fresh run; for
     a resumed one, the checkpoint's, after checking it was written with the same ``config`` and loading it (model,
-    optimizer, schedule and every random generator)."""
+    optimizer moments, schedule position and every random generator; the learning rates and Adam settings are this
+    run's flags, ``_apply_optimizer_settings``)."""
     if checkpoint is None:
         seed = [args.seed if args.seed is not None else secrets.randbits(62)]
         if accelerator.num_processes > 1:
@@ -868,7 +933,17 @@ def _start_or_resume(accelerator, args: argparse.Namespace, checkpoint: Optional
     unrecorded = [key for key in config if key not in state["config"]]  # written by an earlier version
     if unrecorded:
         logger.warning("%s does not record %s: not checked", checkpoint, ", ".join(unrecorded))
+    if getattr(accelerator, "scaler", None) is not None and not (checkpoint / "scaler.pt").exists():
+        raise UsageError(f"--resume_from_checkpoint {str(checkpoint)!r} was not written under --mixed_precision fp16 "
+                         f"(it has no gradient scaler state): resume with the precision of that run")
+    settings = _optimizer_settings(optimizer) if optimizer is not None else None
     accelerator.load_state(str(checkpoint))
+    if settings is not None:
+        recorded = [group["initial_lr"] for group in optimizer.param_groups]  # the checkpoint's, as loaded
+        _apply_optimizer_settings(optimizer, lr_scheduler, settings)
+        if recorded != [fresh["initial_lr"] for fresh in settings]:
+            accelerator.print(f"learning rate {settings[0]['initial_lr']:g} from the flags (the checkpoint's: "
+                              f"{recorded[0]:g})")
     accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
     return int(state["global_step"]), int(state["data_seed"])
 
@@ -961,6 +1036,7 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     # --- check the inputs before anything heavy runs
     check_pretrained(args.pretrained_model_name_or_path)
+    check_resolution(args.pretrained_model_name_or_path, args.resolution)
     instance_images = _list_images(args.instance_data_dir, "--instance_data_dir")
     if args.with_prior_preservation and args.class_data_dir is not None and Path(args.class_data_dir).is_file():
         raise UsageError(f"--class_data_dir {args.class_data_dir!r} is not a directory")
@@ -975,12 +1051,16 @@ def train(args: argparse.Namespace) -> TrainResult:
         if resume_from is None:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
     check_no_later_checkpoints(output_dir, resume_from)
+    check_no_earlier_run(output_dir, resume_from, args.overwrite_output_dir)
 
     # The prior means are buffers equal on every rank: DDP's default re-broadcast of all buffers each forward would
     # send a pretrained copy of every patched weight per step for nothing.
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               project_config=ProjectConfiguration(project_dir=str(output_dir)),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if accelerator.mixed_precision not in PRECISIONS:  # an accelerate config may ask for fp8
+        raise UsageError(f"mixed precision {accelerator.mixed_precision!r} (from the accelerate config) is not "
+                         f"supported: use no, fp16 or bf16")
     weight_dtype = PRECISIONS[accelerator.mixed_precision]
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -999,9 +1079,6 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     # --- the model
     components = load_components(args.pretrained_model_name_or_path, args.variant)
-    if args.resolution % components.vae_scale_factor:
-        raise UsageError(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor "
-                         f"{components.vae_scale_factor}")
     for frozen in (components.vae, components.text_encoder):  # inference only: in the autocast dtype
         frozen.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     unet = components.unet
@@ -1038,7 +1115,9 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     config = _resume_config(args, accelerator.num_processes, base_fingerprint, images_fingerprint(instance_images),
                             images_fingerprint(class_images, sizes=False))
-    global_step, data_seed = _start_or_resume(accelerator, args, resume_from, config)
+    global_step, data_seed = _start_or_resume(accelerator, args, resume_from, config, optimizer, lr_scheduler)
+    if global_step == 0 and accelerator.is_main_process:
+        remove_earlier_records(output_dir)
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     metrics.start(global_step)
 
@@ -1089,6 +1168,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         if args.max_grad_norm > 0:
             norm = accelerator.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], args.max_grad_norm)
             grad_norm = float(norm) if norm is not None else None
+        learning_rate_now = lr_scheduler.get_last_lr()[0]  # the rate this step trains at
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1099,7 +1179,7 @@ def train(args: argparse.Namespace) -> TrainResult:
                   "loss": totals["loss"], "mse": totals["mse"],
                   "prior_mse": totals["prior_mse"] if class_embedding is not None else None,
                   "kl": totals["kl"] if bayesian_layers else None, "kl_weight": args.kl_weight,
-                  "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, **sigma_statistics(base_unet)}
+                  "lr": learning_rate_now, "grad_norm": grad_norm, **sigma_statistics(base_unet)}
         metrics.append(record)
         progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "kl", "sigma_mean")
                               if record.get(k) is not None})
@@ -1215,19 +1295,27 @@ def _replace_directory(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
+
+
 def _link_or_copy(source: str, target: str) -> None:
-    """A hard link (no second copy of the bytes on the same file system), else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    """A weight file: a hard link (no second copy of its bytes on the same file system), else a copy.  Any other
+    file (configs, tokenizer files: a few kB) is copied, since diffusers and transformers rewrite those in place
+    when a pipeline is saved over this folder, which through a link would rewrite the base model's."""
+    if str(source).endswith(WEIGHT_SUFFIXES):
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
 
 
 def _complete_pipeline(pretrained: Path, output_dir: Path) -> None:
     """Make ``output_dir`` (holding the fine-tuned ``unet/``) a whole pipeline, as diffusers' DreamBooth script
-    does: the checkpoint's other parts (hard-linked where the file system allows) and its model_index.json, so
-    that ``StableDiffusionPipeline.from_pretrained(output_dir)`` loads the fine-tuned model (with the run's
-    ``variant=`` when ``--variant`` was given: the other parts are that variant's files)."""
+    does: the checkpoint's other parts (their weight files hard-linked where the file system allows) and its
+    model_index.json, so that ``StableDiffusionPipeline.from_pretrained(output_dir)`` loads the fine-tuned model
+    (with the run's ``variant=`` when ``--variant`` was given: the other parts are that variant's files)."""
     index = json.loads((pretrained / "model_index.json").read_text(encoding="utf-8"))
     for part, entry in index.items():
         if part == "unet" or not (isinstance(entry, list) and entry[0] and (pretrained / part).is_dir()):

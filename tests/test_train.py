@@ -156,14 +156,18 @@ def test_full_run_reloads_as_the_merged_unet(full_run, tiny_sd):
 
 def test_full_run_output_is_a_whole_pipeline(full_run, tiny_sd):
     """As diffusers' DreamBooth script: the output directory loads as the fine-tuned pipeline; the parts that did
-    not train are the checkpoint's files (hard links on the same file system, no second copy)."""
+    not train are the checkpoint's files (weight files hard links on the same file system, no second copy)."""
     output_dir, result = full_run
     pipeline = StableDiffusionPipeline.from_pretrained(output_dir)
     torch.testing.assert_close(_unet_output(pipeline.unet), _unet_output(result.unet), rtol=0, atol=0)
     _generates(pipeline)
-    for source in (tiny_sd[0] / "vae").iterdir():
-        assert (output_dir / "vae" / source.name).samefile(source) or \
-            (output_dir / "vae" / source.name).read_bytes() == source.read_bytes()
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for source in (tiny_sd[0] / part).iterdir():
+            target = output_dir / part / source.name
+            assert target.read_bytes() == source.read_bytes()
+            # weight files are links (one file system here); configs are copies: diffusers rewrites those in
+            # place when a pipeline is saved over the folder, which must not rewrite the base model's
+            assert target.samefile(source) == source.name.endswith(trainer.WEIGHT_SUFFIXES), target
     assert json.loads((output_dir / "model_index.json").read_text()) == \
         json.loads((tiny_sd[0] / "model_index.json").read_text())
 
@@ -197,6 +201,22 @@ def test_resume_continues_the_same_loss_curve(full_run, tiny_sd, tmp_path):
     second = UNet2DConditionModel.from_pretrained(resumed / "unet").state_dict()
     for name, tensor in first.items():
         torch.testing.assert_close(second[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resume_trains_at_the_learning_rate_and_schedule_of_its_flags(full_run, tiny_sd, tmp_path, capsys):
+    """The optimizer state a checkpoint restores carries its learning rate and Adam settings: a resume with another
+    --learning_rate and schedule trains at the new ones from the resumed step on (records give the rate each step
+    trained at: the linear schedule of 4 steps at 1e-2 is 5e-3 at step 3), with the checkpoint's moments."""
+    output_dir, _ = full_run
+    resumed = tmp_path / "out"
+    shutil.copytree(output_dir, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    shutil.rmtree(resumed / "unet")
+    _run(tiny_sd, resumed, "--max_train_steps", "4", "--method", "full", "--preset", "paper-dreambooth",
+         "--kl_weight", "1e-3", "--cep", "gaussian", "--learning_rate", "1e-2", "--lr_scheduler", "linear",
+         "--lr_warmup_steps", "0", "--resume_from_checkpoint", "latest")
+    assert [r["lr"] for r in _records(resumed)] == pytest.approx([1e-3, 1e-3, 5e-3, 2.5e-3], rel=1e-9)
+    assert "learning rate 0.01 from the flags (the checkpoint's: 0.001)" in capsys.readouterr().out
 
 
 def test_gradient_checkpointing_gives_the_same_curve(full_run, tiny_sd, tmp_path):
@@ -395,6 +415,34 @@ def test_non_finite_loss_stops_naming_the_step(tiny_sd, tmp_path):
     with pytest.raises(SystemExit, match=r"step 1: the loss is not finite"):
         trainer.main(_argv(tiny_sd, tmp_path / "out", "--method", "full", "--preset", "paper-dreambooth",
                            "--sigma_init", "1e30"))
+
+
+def test_a_fresh_run_does_not_silently_replace_an_earlier_run(tiny_sd, tmp_path):
+    """A finished run that kept no checkpoint (the default --checkpointing_steps 500 outlasts many runs) still
+    has its records and result in --output_dir: a fresh run there is refused, and with --overwrite_output_dir
+    replaces them, leaving none of the earlier run's metrics or grids mixed into its own."""
+    out = tmp_path / "out"
+    grids = ("--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_inference_steps", "1")
+    _run(tiny_sd, out, "--checkpointing_steps", "100", *grids)
+    assert [r["step"] for r in _records(out)] == [1, 2] and (out / "validation" / "step-000002.png").exists()
+    for resume in ([], ["--resume_from_checkpoint", "latest"]):  # latest without a checkpoint is a fresh run
+        with pytest.raises(SystemExit, match=r"holds the records of an earlier run \(training_config.json, "
+                                             r"metrics.jsonl\): .*--overwrite_output_dir"):
+            trainer.main(_argv(tiny_sd, out, "--max_train_steps", "1", *resume))
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert [r["step"] for r in _records(out)] == [1, 2]
+    _run(tiny_sd, out, "--max_train_steps", "1", "--checkpointing_steps", "100", "--overwrite_output_dir", *grids)
+    assert [r["step"] for r in _records(out)] == [1]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000001.png"]
+
+
+def test_a_resolution_the_vae_cannot_take_is_refused_before_class_images_are_generated(tiny_sd, tmp_path):
+    class_dir = tmp_path / "class"
+    with pytest.raises(SystemExit, match=r"--resolution 15 must be a multiple of the VAE's downsampling factor"):
+        trainer.main(_argv(tiny_sd, tmp_path / "out", "--resolution", "15", "--with_prior_preservation",
+                           "--class_data_dir", str(class_dir), "--class_prompt", "a photo of a dog",
+                           "--num_class_images", "2"))
+    assert not class_dir.exists() or not any(class_dir.iterdir())
 
 
 def test_clear_errors(tiny_sd, tmp_path, capsys):
