@@ -165,6 +165,8 @@ def measure(variant: str, *, config: str, batch_size: int, checkpointing: bool, 
         elapsed, (loss, kl) = _timed_step(step, device)
         seconds.append(elapsed)
     figures["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device) if on_gpu else None
+    # net of what was allocated before this run began (cuBLAS workspaces and whatever an earlier run left behind)
+    figures["peak_net_bytes"] = figures["peak_allocated_bytes"] - figures["allocated_before_bytes"] if on_gpu else None
     figures["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device) if on_gpu else None
     figures.update(loss=float(loss), kl=None if kl is None else float(kl))
     figures["accounted"] = account_step(unet, batch, optimizer, setup, kl_weight=kl_weight)
@@ -201,7 +203,7 @@ def run_one(variant: str, **options) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 def memory_of(record: dict, on_gpu: bool) -> float:
-    return record["peak_allocated_bytes"] if on_gpu else record["accounted"]["total_bytes"]
+    return record["peak_net_bytes"] if on_gpu else record["accounted"]["total_bytes"]
 
 
 def evaluate_targets(runs: list, on_gpu: bool) -> list:

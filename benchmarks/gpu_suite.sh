@@ -36,7 +36,12 @@ if timeout 120 $python -c "import torch, sys; sys.exit(0 if torch.cuda.is_availa
 elif command -v nvidia-smi >/dev/null && timeout 30 nvidia-smi -L >/dev/null 2>&1; then
   # a GPU that torch cannot use: running the CPU sizes on the lease would waste it
   echo "!! nvidia-smi sees a GPU but torch does not:"
-  timeout 120 $python -c "import torch; torch.cuda.init()" 2>&1 | tail -3
+  reason=$(timeout 120 $python -c "import torch; torch.cuda.init()" 2>&1 | tail -3)
+  echo "$reason"
+  timeout 60 $python -c 'import json, subprocess, sys
+smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout.strip()
+json.dump({"stamp": sys.argv[2], "error": "nvidia-smi sees a GPU but torch does not", "torch": sys.argv[3],
+           "nvidia_smi": smi}, open(sys.argv[1], "w"), indent=1)' "$out/summary.json" "$stamp" "$reason" || true
   exit 2
 else
   export TRITON_INTERPRET=1
@@ -95,40 +100,22 @@ stage() {
 
 # summary.json: the machine, the settings and what each stage did so far (rewritten after every stage, so a call
 # cut short still says what ran)
+# (no torch import: the machine's description is worked out once, by describe_environment, into $environment)
 write_summary() {
   rm -f "$out"/.*.tmp  # a JSON write cut off by a stage's limit: only 8 files come back from a call
-  timeout 60 $python - "$out/summary.json" "$stamp" "$budget" "$on_gpu" "${stages[@]}" <<'EOF'
-import collections, datetime, json, os, subprocess, sys
-path, stamp, budget, on_gpu, *stages = sys.argv[1:]
+  timeout 60 $python - "$out/summary.json" "$stamp" "$budget" "$environment" "${stages[@]}" <<'EOF'
+import collections, json, os, sys
+path, stamp, budget, environment, *stages = sys.argv[1:]
 rows = [dict(zip(("stage", "rc", "seconds"), s.split())) for s in stages]
 for row in rows:  # timeout exits 124 at the limit, 137 when the stage also needed the KILL after it
     row["seconds"] = int(row["seconds"])
     row["outcome"] = {"skipped": "skipped (budget)", "not-selected": "not selected", "0": "ok",
                       "unavailable": "cannot run here (see suite.log)",
                       "124": "stopped at its time limit", "137": "stopped at its time limit"}.get(row["rc"], "failed")
-environment = {"python": sys.version.split()[0], "commit": os.environ.get("SUITE_COMMIT"),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "settings": {k: v for k, v in os.environ.items() if k.startswith("SUITE_") and k != "SUITE_COMMIT"}}
 try:
-    import torch
-    import triton
-    environment.update(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__)
-    if on_gpu == "1":
-        environment["device"] = torch.cuda.get_device_name()
-except Exception as error:  # the summary is still written
-    environment["versions_error"] = repr(error)
-try:
-    import diffusers
-    environment["diffusers"] = diffusers.__version__
-except Exception:
-    environment["diffusers"] = None
-if on_gpu == "1":
-    try:
-        environment["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception as error:
-        environment["nvidia_smi"] = repr(error)
+    environment = json.loads(environment)
+except ValueError:  # describe_environment failed or timed out: say so, and write the rest
+    environment = {"error": "the environment could not be described (see suite.log)"}
 summary = {"stamp": stamp, "budget_seconds": int(budget), "environment": environment, "stages": rows}
 log = os.path.join(os.path.dirname(path), "tests.jsonl")
 if os.path.exists(log):  # the kernel tests' outcomes so far, from BNN_TEST_LOG
@@ -161,13 +148,68 @@ if ! timeout 120 $python -c "import diffusers" 2>/dev/null; then
   status=1
 fi
 
-echo "== environment"
-timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
-timeout 120 $python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-  'triton', triton.__version__)"
+# describe_environment: one JSON line (versions, device, driver, the commit and a hash of the source that ran, the
+# date and the SUITE_ settings), worked out once for summary.json
+describe_environment() {
+  timeout 120 $python - "$on_gpu" <<'EOF'
+import datetime, hashlib, json, os, pathlib, subprocess, sys
+on_gpu = sys.argv[1] == "1"
+environment = {"python": sys.version.split()[0], "commit": os.environ.get("SUITE_COMMIT"),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "settings": {k: v for k, v in os.environ.items() if k.startswith("SUITE_") and k != "SUITE_COMMIT"}}
+# what ran, committed or not: SUITE_COMMIT names a commit, this hash the files themselves
+digest = hashlib.sha256()
+for path in sorted(p for top in ("setup.py", "csrc", "bnn_kernels", "bnn_diffusion", "benchmarks", "tests")
+                   for p in ([pathlib.Path(top)] if top.endswith(".py") else pathlib.Path(top).rglob("*"))
+                   if p.is_file() and p.suffix in (".py", ".h", ".cpp", ".sh")):
+    digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+environment["source_sha256"] = digest.hexdigest()[:16]
+try:
+    import torch
+    import triton
+    environment.update(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__)
+    if on_gpu:
+        environment["device"] = torch.cuda.get_device_name()
+except Exception as error:  # the summary is still written
+    environment["versions_error"] = repr(error)
+try:
+    from importlib.metadata import version
+    environment["diffusers"] = version("diffusers")
+except Exception:
+    environment["diffusers"] = None
+if on_gpu:
+    try:
+        environment["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as error:
+        environment["nvidia_smi"] = repr(error)
+print(json.dumps(environment))
+EOF
+}
 
-stage build 150 $python -m pip install --no-build-isolation --no-deps --no-index -e .
-timeout 120 $python -c "import bnn_kernels as bk; print('backends', bk.backends())" || status=1
+echo "== environment"
+environment=$(describe_environment) || true
+echo "$environment"
+
+# the source tree first on the path: the benchmark scripts import the package even if the editable install fails
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+MAX_JOBS=${MAX_JOBS:-$(nproc)} stage build 150 $python -m pip install --no-build-isolation --no-deps --no-index -e .
+# On a GPU the fused variants must run on the triton backend: if triton did not import, the registry falls back to
+# the reference backend, and the tables would time materialising code under the fused variants' names.
+if ! timeout 120 $python -c "
+import sys, torch, bnn_kernels as bk
+print('backends', bk.backends())
+if 'cpu' not in bk.backends():
+    print('!! the C++ extension did not build: the cpu backend and its tests are missing')
+if torch.cuda.is_available() and bk.registry.select(torch.device('cuda')) != 'triton':
+    print('!! the triton backend is not usable on this GPU: the benchmarks would time the reference backend')
+    sys.exit(1)
+"; then
+  echo "!! benchmarks skipped: see above"
+  unavailable+="linear-ratios lora-ratios conv-ratios e2e-unet microbench "
+  status=1
+fi
 
 # The kernel contract tests on the GPU.  BNN_TRITON_AUTOTUNE=0: one config per kernel (no autotune benchmarking over
 # the many odd test shapes); pytest-xdist spreads the compiles over the CPUs where it is installed.
@@ -184,8 +226,25 @@ kernel_tests=(tests/test_rng.py tests/test_kl.py tests/test_linear.py tests/test
 if [[ -n ${SUITE_TESTS:-} ]]; then read -r -a kernel_tests <<<"$SUITE_TESTS"; fi
 # OMP_NUM_THREADS=2: the 8 workers' cpu-backend tests would otherwise each start an OpenMP thread per core, against
 # each other and the workers' Triton compiles.
+# While the tests run (8 of the CPUs), the ratio tables' kernels compile into Triton's cache in the background:
+# every autotune config at the tables' own shapes and dtypes (ratios.py --compile-only), which a cold cache would
+# otherwise compile inside the tables' time (40-50 s a table for sm_90, measured on a CPU).  They only compile
+# (nothing of theirs is timed) and are stopped when the tests end, before anything is timed.
+warmers=()
+if ((on_gpu)) && selected kernel-tests; then
+  for table in linear lora conv; do
+    if selected "$table-ratios"; then
+      timeout 300 $python "benchmarks/${table}_ratios.py" --compile-only > >(sed -u "s/^/[compile $table] /") 2>&1 &
+      warmers+=($!)
+    fi
+  done
+fi
 BNN_TEST_LOG="$out/tests.jsonl" BNN_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=2 \
   stage kernel-tests 150 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
+for pid in "${warmers[@]}"; do
+  kill -TERM "$pid" 2>/dev/null && echo "   stopped a compile warmer still running (pid $pid)"
+done
+((${#warmers[@]})) && wait "${warmers[@]}" 2>/dev/null
 
 # The kernels' one-run ratio tables (the targets of the linear, LoRA and conv ops), then the end-to-end step with
 # what is left (at least its floor): 5 timed steps after 2 (the first autotunes every shape), the issue's variants

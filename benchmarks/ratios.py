@@ -40,6 +40,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
         "backends": bk.backends(),
+        "backend": bk.registry.select(device),  # what the fused variants ran on
     }
     try:
         import triton
@@ -125,6 +126,9 @@ def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dic
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only compile every Triton kernel (every autotune config) the table would launch, into "
+                             "Triton's cache, and time nothing: run beside other work before the timed run")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +136,8 @@ def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dic
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     shapes = gpu_shapes if device.type == "cuda" else cpu_shapes
     timed = list(variants(device))
+    if args.compile_only:
+        return compile_table(shapes, make_case, timed, dtype, device)
     ratios = {name: pair for name, pair in ratios.items() if set(pair) <= set(timed)}
     info = dict(info or {})
     results = {"environment": environment(device), "dtype": str(dtype), **info, "repeats": repeats, "shapes": {}}
@@ -142,22 +148,53 @@ def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dic
     extras = "".join(f"  {key}={value}" for key, value in info.items())
     print(f"# {results['environment']}  dtype={dtype}{extras}  backend={bk.registry.select(device)}")
     print(f"{'shape':>{name_width}}  " + "  ".join(columns) + "  " + "  ".join(ratios) + f"  {saved_title}")
+    if args.json:  # the machine and settings even if the first shape never finishes
+        write_json(args.json, results)
     for name, shape in shapes.items():
-        case = make_case(shape, dtype, device)
-        seconds = time_variants(case.step, device, repeats, args.warmup, timed)
-        saved = {variant: case.saved(variant) for variant in timed}
-        shape_ratios = {ratio: seconds[top] / seconds[bottom] for ratio, (top, bottom) in ratios.items()}
-        results["shapes"][name] = {**case.record, "seconds": seconds, "saved_bytes": saved, "ratios": shape_ratios}
+        try:
+            case = make_case(shape, dtype, device)
+        except Exception as error:  # noqa: BLE001 - recorded; the other shapes still run
+            results["shapes"][name] = {"error": _describe_error(error)}
+            print(f"{name:>{name_width}}  cannot build the case: {_describe_error(error)}")
+            continue
+        # each variant once, alone: one that fails is recorded and left out of this shape's timing
+        failed = {}
+        for variant in timed:
+            try:
+                case.step(variant)
+            except Exception as error:  # noqa: BLE001
+                failed[variant] = _describe_error(error)
+                print(f"{name:>{name_width}}  {variant} failed: {failed[variant]}")
+        running = [v for v in timed if v not in failed]
+        try:
+            seconds = time_variants(case.step, device, repeats, args.warmup, running) if running else {}
+        except Exception as error:  # noqa: BLE001 - a variant that ran once but not again: the shape is lost
+            results["shapes"][name] = {**case.record, "error": _describe_error(error), "failed": failed}
+            print(f"{name:>{name_width}}  timing failed: {_describe_error(error)}")
+            del case
+            continue
+        saved = {variant: case.saved(variant) for variant in running}
+        shape_ratios = {ratio: seconds[top] / seconds[bottom] for ratio, (top, bottom) in ratios.items()
+                        if top in seconds and bottom in seconds}
+        results["shapes"][name] = {**case.record, "seconds": seconds, "saved_bytes": saved, "ratios": shape_ratios,
+                                   **({"failed": failed} if failed else {})}
         if case.check is not None:  # after the timing: the kernels' configs are the ones autotune picked
-            errors = case.check([v for v in timed if v in checked])
+            try:
+                errors = case.check([v for v in running if v in checked])
+            except Exception as error:  # noqa: BLE001
+                errors = {"error": _describe_error(error)}
+                print(f"{'':>{name_width}}  the float64 check failed: {errors['error']}")
+            else:
+                print(f"{'':>{name_width}}  max relative error vs float64 (plain torch in {dtype}): " + "  ".join(
+                    f"{variant} {max(e[0] for e in values.values()):.2g} ({max(e[1] for e in values.values()):.2g})"
+                    for variant, values in errors.items()))
             results["shapes"][name]["errors_vs_float64"] = errors
-            print(f"{'':>{name_width}}  max relative error vs float64 (plain torch in {dtype}): " + "  ".join(
-                f"{variant} {max(e[0] for e in values.values()):.2g} ({max(e[1] for e in values.values()):.2g})"
-                for variant, values in errors.items()))
-        amounts = "/".join(f"{saved[v] / divisor:.{decimals}f}" for v in saved_variants)
+        amounts = "/".join(f"{saved[v] / divisor:.{decimals}f}" if v in saved else "-" for v in saved_variants)
         print(f"{name:>{name_width}}  "
-              + "  ".join(f"{1e3 * seconds[v]:>{len(c)}.3f}" for v, c in zip(timed, columns)) + "  "
-              + "  ".join(f"{shape_ratios[r]:>{len(r)}.2f}" for r in ratios)
+              + "  ".join(f"{1e3 * seconds[v]:>{len(c)}.3f}" if v in seconds else f"{'-':>{len(c)}}"
+                          for v, c in zip(timed, columns)) + "  "
+              + "  ".join(f"{shape_ratios[r]:>{len(r)}.2f}" if r in shape_ratios else f"{'-':>{len(r)}}"
+                          for r in ratios)
               + f"  {amounts:>{len(saved_title)}}")
         del case  # the shape's tensors go before the next shape allocates its own
         if args.json:  # after every shape: a run stopped by a time limit keeps what it measured
@@ -165,6 +202,35 @@ def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dic
     if args.json:
         print(f"wrote {args.json}")
     return results
+
+
+def _describe_error(error: Exception) -> str:
+    """The exception's type and the last line of its message (Triton's compile errors run to pages)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def compile_table(shapes: dict, make_case: Callable[..., Case], variants: list, dtype, device) -> dict:
+    """--compile-only: run each variant's step once per shape inside ``bnn_kernels.triton.aot.capture`` (every
+    autotune config of every kernel compiled for this GPU, nothing launched), so that the timed run that follows
+    finds them in Triton's cache: the same shapes, dtypes and flags, so the same specialisations.  On a machine
+    without a GPU it compiles for sm_90 (the import needs TRITON_INTERPRET=0).  Returns {shape: kernels compiled}."""
+    from bnn_kernels.triton import aot, common
+
+    arch = common.compute_capability(device) or 90
+    compiled, begin = {}, time.perf_counter()
+    for name, shape in shapes.items():
+        with aot.capture(arch=arch, autotune_configs="all") as launches, bk.use_backend("triton"):
+            case = make_case(shape, dtype, device)
+            for variant in variants:
+                try:
+                    case.step(variant)
+                except Exception as error:  # noqa: BLE001 - the timed run reports it
+                    print(f"{name}: {variant} failed to compile: {_describe_error(error)}")
+        compiled[name] = len(launches)
+        print(f"{name}: {len(launches)} kernel compiles ({time.perf_counter() - begin:.0f} s so far)")
+        del case
+    return compiled
 
 
 def write_json(path: str, results: dict) -> None:

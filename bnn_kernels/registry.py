@@ -171,7 +171,10 @@ def runs_on(name: str, device: torch.device) -> bool:
         return device.type == "cpu"
     if name == "cuda":
         return device.type == "cuda"
-    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+    if device.type == "cpu" and not triton_interpreted():  # under aot.capture they compile for a GPU instead
+        module = _load("triton")
+        return module is not None and module.capturing()
+    return device.type == "cuda" or device.type == "cpu"
 
 
 def select(device: torch.device) -> str:

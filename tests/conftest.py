@@ -13,6 +13,9 @@ from result_log import pytest_configure, pytest_runtest_logreport  # noqa: E402,
 # On a GPU, float32 convolutions would otherwise run on TF32 tensor cores (cuDNN's default; matmuls default to
 # float32): the float32 oracle tests compare against float32 arithmetic.
 torch.backends.cudnn.allow_tf32 = False
+# and cuDNN may pick a non-deterministic backward algorithm (atomics): the tests that compare two runs bit for bit
+# (test_autocast) need the same result from the same inputs
+torch.backends.cudnn.deterministic = True
 
 
 @pytest.fixture(autouse=True)

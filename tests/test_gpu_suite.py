@@ -41,6 +41,7 @@ def test_selected_stage_runs_and_writes_its_json(tmp_path):
     environment = summary["environment"]
     assert environment["torch"] == torch.__version__ and environment["triton"] and environment["date"]
     assert environment["settings"]["SUITE_STAGES"] == "linear-ratios"
+    assert len(environment["source_sha256"]) == 16  # what ran, committed or not
     ratios = json.loads((tmp_path / "linear_ratios.json").read_text())
     assert ratios["shapes"] and all(shape["ratios"] for shape in ratios["shapes"].values())
     for shape in ratios["shapes"].values():  # float32 on CPU: the fused ops agree with the float64 oracle
@@ -88,6 +89,53 @@ def test_without_diffusers_the_e2e_stage_is_reported_and_its_floor_freed(tmp_pat
     assert "diffusers does not import" in done.stdout
     assert outcomes(summary)["e2e-unet"] == "cannot run here (see suite.log)"
     assert outcomes(summary)["kernel-tests"] == "ok"
+
+
+def test_a_failing_variant_or_shape_is_recorded_and_the_table_goes_on(tmp_path, monkeypatch, capsys):
+    """ratios.run_ratio_table on a first GPU launch: a variant that raises is left out of that shape's timing and
+    ratios (recorded with its error), a shape whose case cannot be built is recorded as such, and the JSON holds the
+    machine from the start."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ratios
+
+    def make_case(shape, dtype, device):
+        if shape == "broken":
+            raise RuntimeError("first line\nCUDA error: an illegal memory access")
+
+        def step(variant):
+            if variant == "b" and shape == "one":
+                raise ValueError("b cannot run this shape")
+
+        return ratios.Case(step=step, saved=lambda variant: 0, record={"shape": shape})
+
+    path = tmp_path / "table.json"
+    results = ratios.run_ratio_table(
+        ["--json", str(path), "--repeats", "1", "--warmup", "0"], description="test",
+        gpu_shapes={}, cpu_shapes={"one": "one", "broken": "broken", "two": "two"},
+        variants=lambda device: ["a", "b", "c"], make_case=make_case,
+        ratios={"b_over_a": ("b", "a"), "c_over_a": ("c", "a")}, saved_unit="KiB", saved_variants=("a", "b"))
+    assert json.loads(path.read_text())["shapes"] == results["shapes"]
+    one, broken, two = (results["shapes"][name] for name in ("one", "broken", "two"))
+    assert one["failed"] == {"b": "ValueError: b cannot run this shape"}
+    assert set(one["seconds"]) == {"a", "c"} and set(one["ratios"]) == {"c_over_a"}
+    assert broken == {"error": "RuntimeError: CUDA error: an illegal memory access"}
+    assert set(two["seconds"]) == {"a", "b", "c"} and set(two["ratios"]) == {"b_over_a", "c_over_a"}
+    assert "b failed: ValueError" in capsys.readouterr().out
+
+
+def test_compile_only_compiles_the_tables_kernels_without_timing_them(tmp_path):
+    """ratios.py --compile-only (what the suite runs beside the GPU tests, to warm Triton's cache): every kernel a
+    table launches compiles with the real compiler (here for sm_90, no GPU needed), and nothing is timed or
+    written."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "BNN_TRITON_AUTOTUNE": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear_ratios.py"), "--compile-only",
+                           "--dtype", "bfloat16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    counts = [int(line.split(": ")[1].split()[0]) for line in done.stdout.splitlines() if "kernel compiles" in line]
+    assert len(counts) == 2 and min(counts) > 0, done.stdout
+    assert "failed" not in done.stdout and "wrote" not in done.stdout
+    assert any(tmp_path.rglob("*.cubin")), "nothing reached Triton's cache"
 
 
 @pytest.mark.parametrize("value", ["0", "1"])

@@ -192,9 +192,9 @@ def _table(result: dict) -> list:
                      f"{_pm(f['memorisation'])} |")
     r = result["real"]["mean"]
     unseen = f" (unseen by the classifier: {r['fidelity_unseen']:.3f})" if "fidelity_unseen" in r else ""
-    lines.append(f"| real digits of the class | {r['fidelity']:.3f}{unseen} | {r['hf_ratio']:.2f} | | {r['tv_ratio']:.2f} | "
-                 f"{r['frechet']:.1f} ({result['config']['eval_samples']} vs the rest) | | {r['diversity']:.3f} | "
-                 f"{r['memorisation']:.3f} |")
+    lines.append(f"| real digits of the class | {r['fidelity']:.3f}{unseen} | {r['hf_ratio']:.2f} | | "
+                 f"{r['tv_ratio']:.2f} | {r['frechet']:.1f} ({result['config']['eval_samples']} vs the rest) | | "
+                 f"{r['diversity']:.3f} | {r['memorisation']:.3f} |")
     return lines
 
 

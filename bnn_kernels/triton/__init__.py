@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - the backend is simply unavailable
     triton = None
 
 if triton is not None:
-    from . import conv, kl, linear, lora
+    from . import common, conv, kl, linear, lora
     from .common import on_operands_device
     from .linear import reparam_variant
     from .philox import philox_normal  # launches on its ``device`` argument
@@ -54,8 +54,14 @@ else:  # pragma: no cover
 
 
 def is_available() -> bool:
-    """triton imports, and there is a GPU or Triton's interpreter is on."""
-    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    """triton imports, and there is a GPU, Triton's interpreter is on, or ``aot.capture`` compiles for a GPU."""
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+                                   or capturing())
+
+
+def capturing() -> bool:
+    """Whether an ``aot.capture`` is active: launches (on CPU tensors too) compile for a GPU instead of running."""
+    return triton is not None and common.compute_capability(None) is not None
 
 
 __all__ = ["NAME", "is_available", "philox_normal", "gaussian_kl_fwd", "gaussian_kl_bwd", "linear_fwd",
