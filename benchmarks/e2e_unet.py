@@ -177,6 +177,39 @@ def measure(variant: str, *, config: str, batch_size: int, checkpointing: bool, 
     return figures
 
 
+OURS = ("ours-dreambooth", "ours-dreambooth-bf16prior", "ours-lora")  # the variants that launch bnn_kernels
+
+
+def compile_variants(args, device: torch.device) -> dict:
+    """--compile-only: one forward and backward of each selected variant of ours inside
+    ``bnn_kernels.triton.aot.capture`` (every autotune config of every kernel compiled for this GPU, nothing
+    launched), at the smallest batch size: the layers' shapes specialise alike at every batch size and with or
+    without checkpointing, so the measured runs that follow find their kernels in Triton's cache.  Returns
+    {variant: kernel compiles}."""
+    import bnn_kernels as bk
+    from bnn_kernels.triton import aot, common
+
+    arch = common.compute_capability(device) or 90
+    compiled, begin = {}, time.perf_counter()
+    for variant in [v for v in args.variants if v in OURS]:
+        torch.manual_seed(0)
+        unet = build_unet(args.config, device)
+        setup = setup_variant(variant, unet)
+        batch = make_batch(args.config, min(args.batch_sizes), device, seed=1, latent_size=args.latent_size)
+        launches = []
+        try:
+            with aot.capture(arch=arch, autotune_configs="all") as launches, bk.use_backend("triton"):
+                loss, _ = forward_loss(unet, batch, setup, kl_weight=args.kl_weight)
+                loss.backward()
+        except Exception:  # noqa: BLE001 - the measured run reports it
+            traceback.print_exc()
+        compiled[variant] = len(launches)
+        print(f"{variant}: {len(launches)} kernel compiles ({time.perf_counter() - begin:.0f} s so far)")
+        del unet, setup, batch
+        release(device)
+    return compiled
+
+
 def run_one(variant: str, **options) -> dict:
     """``measure`` with the outcome recorded: status "ok", "unavailable" (the variant cannot run with the installed
     code), "oom" or "error"; memory is released whatever happened."""
@@ -372,6 +405,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--resume", default=None, metavar="JSON",
                         help="keep the runs of an earlier --json file (measured the same way on the same machine) "
                              "and run only the others of this selection; runs that ended in an error run again")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only compile every Triton kernel (every autotune config) the selected variants of "
+                             "ours launch, into Triton's cache, and measure nothing: run beside other work first")
     args = parser.parse_args(argv)
     for name in ("repeats", "latent_size", "threads"):
         value = getattr(args, name)
@@ -384,6 +420,8 @@ def main(argv=None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if on_gpu else "cpu")
+    if args.compile_only:
+        return {"compiled": compile_variants(args, device), "failed": []}
     env = environment(device)
     env.update(_versions(), cuda=torch.version.cuda)
     if on_gpu:

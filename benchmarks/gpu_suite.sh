@@ -226,18 +226,31 @@ kernel_tests=(tests/test_rng.py tests/test_kl.py tests/test_linear.py tests/test
 if [[ -n ${SUITE_TESTS:-} ]]; then read -r -a kernel_tests <<<"$SUITE_TESTS"; fi
 # OMP_NUM_THREADS=2: the 8 workers' cpu-backend tests would otherwise each start an OpenMP thread per core, against
 # each other and the workers' Triton compiles.
-# While the tests run (8 of the CPUs), the ratio tables' kernels compile into Triton's cache in the background:
-# every autotune config at the tables' own shapes and dtypes (ratios.py --compile-only), which a cold cache would
-# otherwise compile inside the tables' time (40-50 s a table for sm_90, measured on a CPU).  They only compile
-# (nothing of theirs is timed) and are stopped when the tests end, before anything is timed.
+# While the tests run (8 of the CPUs), the kernels of the ratio tables and of the end-to-end variants of ours
+# compile into Triton's cache in the background: every autotune config at the benchmarks' own shapes and dtypes
+# (--compile-only), which a cold cache would otherwise compile inside their time (50-60 s for the linear or the
+# LoRA table, serially for sm_90 on a CPU).  They only compile (nothing of theirs is timed) and are stopped when
+# the tests end, before anything is timed.
+if ((on_gpu)); then
+  e2e_args=(--config sd15 --repeats 5 --warmup 2)
+else
+  e2e_args=(--config tiny --latent-size 8 --batch-sizes 1 --repeats 1 --warmup 0)
+fi
+read -r -a extra_e2e_args <<<"${SUITE_E2E_ARGS:-}"
 warmers=()
 if ((on_gpu)) && selected kernel-tests; then
   for table in linear lora conv; do
     if selected "$table-ratios"; then
-      timeout 300 $python "benchmarks/${table}_ratios.py" --compile-only > >(sed -u "s/^/[compile $table] /") 2>&1 &
+      timeout -k 10 300 $python "benchmarks/${table}_ratios.py" --compile-only \
+        > >(sed -u "s/^/[compile $table] /") 2>&1 &
       warmers+=($!)
     fi
   done
+  if selected e2e-unet; then  # the same for the end-to-end variants of ours (a UNet of its own on the GPU)
+    timeout -k 10 300 $python benchmarks/e2e_unet.py "${e2e_args[@]}" "${extra_e2e_args[@]}" --compile-only \
+      > >(sed -u "s/^/[compile e2e] /") 2>&1 &
+    warmers+=($!)
+  fi
 fi
 BNN_TEST_LOG="$out/tests.jsonl" BNN_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=2 \
   stage kernel-tests 150 $python -m pytest "${kernel_tests[@]}" "${pytest_args[@]}"
@@ -252,12 +265,6 @@ done
 stage linear-ratios 75 $python benchmarks/linear_ratios.py --json "$out/linear_ratios.json"
 stage lora-ratios 60 $python benchmarks/lora_ratios.py --json "$out/lora_ratios.json"
 stage conv-ratios 45 $python benchmarks/conv_ratios.py --json "$out/conv_ratios.json"
-if ((on_gpu)); then
-  e2e_args=(--config sd15 --repeats 5 --warmup 2)
-else
-  e2e_args=(--config tiny --latent-size 8 --batch-sizes 1 --repeats 1 --warmup 0)
-fi
-read -r -a extra_e2e_args <<<"${SUITE_E2E_ARGS:-}"
 stage e2e-unet 300 $python benchmarks/e2e_unet.py "${e2e_args[@]}" "${extra_e2e_args[@]}" --json "$out/e2e_unet.json"
 stage microbench 120 $python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
   --benchmark-json="$out/microbench.json"

@@ -141,67 +141,104 @@ def run_ratio_table(argv, *, description: str, gpu_shapes: dict, cpu_shapes: dic
     ratios = {name: pair for name, pair in ratios.items() if set(pair) <= set(timed)}
     info = dict(info or {})
     results = {"environment": environment(device), "dtype": str(dtype), **info, "repeats": repeats, "shapes": {}}
-    divisor, decimals = SAVED_UNITS[saved_unit]
-    saved_title = f"saved {saved_unit} " + "/".join(saved_variants)
-    name_width = max(len("shape"), *(len(name) for name in shapes))
-    columns = [f"{variant} ms" for variant in timed]
+    row = _RowFormat(saved_unit, saved_variants, max(len("shape"), *(len(name) for name in shapes)), timed,
+                     list(ratios))
     extras = "".join(f"  {key}={value}" for key, value in info.items())
     print(f"# {results['environment']}  dtype={dtype}{extras}  backend={bk.registry.select(device)}")
-    print(f"{'shape':>{name_width}}  " + "  ".join(columns) + "  " + "  ".join(ratios) + f"  {saved_title}")
+    print(row.header())
     if args.json:  # the machine and settings even if the first shape never finishes
         write_json(args.json, results)
     for name, shape in shapes.items():
         try:
-            case = make_case(shape, dtype, device)
-        except Exception as error:  # noqa: BLE001 - recorded; the other shapes still run
-            results["shapes"][name] = {"error": _describe_error(error)}
-            print(f"{name:>{name_width}}  cannot build the case: {_describe_error(error)}")
-            continue
-        # each variant once, alone: one that fails is recorded and left out of this shape's timing
-        failed = {}
-        for variant in timed:
-            try:
-                case.step(variant)
-            except Exception as error:  # noqa: BLE001
-                failed[variant] = _describe_error(error)
-                print(f"{name:>{name_width}}  {variant} failed: {failed[variant]}")
-        running = [v for v in timed if v not in failed]
-        try:
-            seconds = time_variants(case.step, device, repeats, args.warmup, running) if running else {}
-        except Exception as error:  # noqa: BLE001 - a variant that ran once but not again: the shape is lost
-            results["shapes"][name] = {**case.record, "error": _describe_error(error), "failed": failed}
-            print(f"{name:>{name_width}}  timing failed: {_describe_error(error)}")
-            del case
-            continue
-        saved = {variant: case.saved(variant) for variant in running}
-        shape_ratios = {ratio: seconds[top] / seconds[bottom] for ratio, (top, bottom) in ratios.items()
-                        if top in seconds and bottom in seconds}
-        results["shapes"][name] = {**case.record, "seconds": seconds, "saved_bytes": saved, "ratios": shape_ratios,
-                                   **({"failed": failed} if failed else {})}
-        if case.check is not None:  # after the timing: the kernels' configs are the ones autotune picked
-            try:
-                errors = case.check([v for v in running if v in checked])
-            except Exception as error:  # noqa: BLE001
-                errors = {"error": _describe_error(error)}
-                print(f"{'':>{name_width}}  the float64 check failed: {errors['error']}")
-            else:
-                print(f"{'':>{name_width}}  max relative error vs float64 (plain torch in {dtype}): " + "  ".join(
-                    f"{variant} {max(e[0] for e in values.values()):.2g} ({max(e[1] for e in values.values()):.2g})"
-                    for variant, values in errors.items()))
-            results["shapes"][name]["errors_vs_float64"] = errors
-        amounts = "/".join(f"{saved[v] / divisor:.{decimals}f}" if v in saved else "-" for v in saved_variants)
-        print(f"{name:>{name_width}}  "
-              + "  ".join(f"{1e3 * seconds[v]:>{len(c)}.3f}" if v in seconds else f"{'-':>{len(c)}}"
-                          for v, c in zip(timed, columns)) + "  "
-              + "  ".join(f"{shape_ratios[r]:>{len(r)}.2f}" if r in shape_ratios else f"{'-':>{len(r)}}"
-                          for r in ratios)
-              + f"  {amounts:>{len(saved_title)}}")
-        del case  # the shape's tensors go before the next shape allocates its own
-        if args.json:  # after every shape: a run stopped by a time limit keeps what it measured
-            write_json(args.json, results)
+            results["shapes"][name] = _measure_shape(name, shape, make_case, dtype, device, timed, repeats,
+                                                     args.warmup, ratios, checked, row)
+        finally:  # after every shape, whatever became of it: a run stopped by a time limit keeps what it measured
+            if args.json:
+                write_json(args.json, results)
     if args.json:
         print(f"wrote {args.json}")
     return results
+
+
+class _RowFormat(NamedTuple):
+    """How a table prints: the saved-bytes unit and variants, the shape column's width, the timed variants and
+    the ratios (a variant or ratio a shape lacks prints as "-")."""
+    saved_unit: str
+    saved_variants: tuple
+    name_width: int
+    timed: list
+    ratios: list
+
+    def header(self) -> str:
+        columns = [f"{variant} ms" for variant in self.timed]
+        return (f"{'shape':>{self.name_width}}  " + "  ".join(columns) + "  " + "  ".join(self.ratios)
+                + f"  {self.saved_title}")
+
+    @property
+    def saved_title(self) -> str:
+        return f"saved {self.saved_unit} " + "/".join(self.saved_variants)
+
+    def line(self, name: str, seconds: dict, ratios: dict, saved: dict) -> str:
+        divisor, decimals = SAVED_UNITS[self.saved_unit]
+        amounts = "/".join(f"{saved[v] / divisor:.{decimals}f}" if v in saved else "-" for v in self.saved_variants)
+        times = (f"{1e3 * seconds[v]:>{len(v) + 3}.3f}" if v in seconds else f"{'-':>{len(v) + 3}}"
+                 for v in self.timed)
+        shown = (f"{ratios[r]:>{len(r)}.2f}" if r in ratios else f"{'-':>{len(r)}}" for r in self.ratios)
+        return (f"{name:>{self.name_width}}  " + "  ".join(times) + "  " + "  ".join(shown)
+                + f"  {amounts:>{len(self.saved_title)}}")
+
+    def note(self, text: str) -> str:
+        return f"{'':>{self.name_width}}  {text}"
+
+
+def _measure_shape(name, shape, make_case, dtype, device, timed, repeats, warmup, ratios, checked,
+                   row: _RowFormat) -> dict:
+    """One shape's record: each variant's median time, saved bytes and ratios, the float64 check, and what failed.
+    A variant that raises (once, alone, synchronised so that an asynchronous fault is its own) is recorded under
+    "failed" and left out; a case that cannot be built or timed gives {"error": ...}: the table goes on."""
+    try:
+        case = make_case(shape, dtype, device)
+    except Exception as error:  # noqa: BLE001 - recorded; the other shapes still run
+        print(row.note(f"{name}: cannot build the case: {_describe_error(error)}"))
+        return {"error": _describe_error(error)}
+    failed = {}
+    for variant in timed:
+        try:
+            case.step(variant)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as error:  # noqa: BLE001
+            failed[variant] = _describe_error(error)
+            print(row.note(f"{name}: {variant} failed: {failed[variant]}"))
+    running = [v for v in timed if v not in failed]
+    try:
+        seconds = time_variants(case.step, device, repeats, warmup, running) if running else {}
+    except Exception as error:  # noqa: BLE001 - a variant that ran once but not again: the shape is lost
+        print(row.note(f"{name}: timing failed: {_describe_error(error)}"))
+        return {**case.record, "error": _describe_error(error), "failed": failed}
+    saved = {}
+    for variant in running:
+        try:
+            saved[variant] = case.saved(variant)
+        except Exception as error:  # noqa: BLE001 - its time stands; its saved bytes are unknown
+            failed[variant] = f"saved bytes: {_describe_error(error)}"
+    shape_ratios = {ratio: seconds[top] / seconds[bottom] for ratio, (top, bottom) in ratios.items()
+                    if top in seconds and bottom in seconds}
+    record = {**case.record, "seconds": seconds, "saved_bytes": saved, "ratios": shape_ratios,
+              **({"failed": failed} if failed else {})}
+    if case.check is not None:  # after the timing: the kernels' configs are the ones autotune picked
+        try:
+            errors = case.check([v for v in running if v in checked])
+        except Exception as error:  # noqa: BLE001
+            errors = {"error": _describe_error(error)}
+            print(row.note(f"the float64 check failed: {errors['error']}"))
+        else:
+            print(row.note(f"max relative error vs float64 (plain torch in {dtype}): " + "  ".join(
+                f"{variant} {max(e[0] for e in values.values()):.2g} ({max(e[1] for e in values.values()):.2g})"
+                for variant, values in errors.items())))
+        record["errors_vs_float64"] = errors
+    print(row.line(name, seconds, shape_ratios, saved))
+    return record
 
 
 def _describe_error(error: Exception) -> str:
@@ -225,6 +262,8 @@ def compile_table(shapes: dict, make_case: Callable[..., Case], variants: list, 
             for variant in variants:
                 try:
                     case.step(variant)
+                    if device.type == "cuda":  # an asynchronous fault is this variant's, not the next one's
+                        torch.cuda.synchronize(device)
                 except Exception as error:  # noqa: BLE001 - the timed run reports it
                     print(f"{name}: {variant} failed to compile: {_describe_error(error)}")
         compiled[name] = len(launches)

@@ -674,14 +674,21 @@ def check_no_later_checkpoints(output_dir, resume_from: Optional[Path]) -> None:
 EARLIER_RUN_FILES = (CONFIG_FILE, "metrics.jsonl")  # what every run writes at its start
 
 
-def check_no_earlier_run(output_dir: Path, resume_from: Optional[Path], overwrite: bool) -> None:
+def check_no_earlier_run(output_dir: Path, resume_from: Optional[Path], args: argparse.Namespace) -> None:
     """UsageError if a fresh run would replace an earlier run's records and result in ``output_dir`` (a finished
-    run that kept no checkpoint, or one whose checkpoints were removed), unless ``overwrite``."""
+    run that kept no checkpoint, or one whose checkpoints were removed), unless --overwrite_output_dir or
+    --resume_from_checkpoint latest (which asks to start afresh where there is no checkpoint: a job requeued
+    before its first checkpoint; said with a warning)."""
     found = [name for name in EARLIER_RUN_FILES if (output_dir / name).exists()]
-    if resume_from is None and found and not overwrite:
-        raise UsageError(f"--output_dir {str(output_dir)!r} holds the records of an earlier run "
-                         f"({', '.join(found)}): choose another --output_dir, or pass --overwrite_output_dir to "
-                         f"replace that run's records and result")
+    if resume_from is not None or not found or args.overwrite_output_dir:
+        return
+    if args.resume_from_checkpoint == "latest":
+        logger.warning("%s holds an earlier run's records (%s) but no checkpoint: --resume_from_checkpoint latest "
+                       "starts afresh and replaces them", output_dir, ", ".join(found))
+        return
+    raise UsageError(f"--output_dir {str(output_dir)!r} holds the records of an earlier run "
+                     f"({', '.join(found)}): choose another --output_dir, or pass --overwrite_output_dir to "
+                     f"replace that run's records and result")
 
 
 def remove_earlier_records(output_dir: Path) -> None:
@@ -1051,16 +1058,19 @@ def train(args: argparse.Namespace) -> TrainResult:
         if resume_from is None:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
     check_no_later_checkpoints(output_dir, resume_from)
-    check_no_earlier_run(output_dir, resume_from, args.overwrite_output_dir)
+    check_no_earlier_run(output_dir, resume_from, args)
+    # Accelerator() takes the precision from the flag or from accelerate launch's config (this variable); fp8
+    # would need transformer-engine or MS-AMP there and has no autocast dtype here
+    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in PRECISIONS:
+        raise UsageError(f"mixed precision {precision!r} (from the accelerate config) is not supported: use no, "
+                         f"fp16 or bf16")
 
     # The prior means are buffers equal on every rank: DDP's default re-broadcast of all buffers each forward would
     # send a pretrained copy of every patched weight per step for nothing.
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               project_config=ProjectConfiguration(project_dir=str(output_dir)),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    if accelerator.mixed_precision not in PRECISIONS:  # an accelerate config may ask for fp8
-        raise UsageError(f"mixed precision {accelerator.mixed_precision!r} (from the accelerate config) is not "
-                         f"supported: use no, fp16 or bf16")
     weight_dtype = PRECISIONS[accelerator.mixed_precision]
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -34,7 +34,8 @@ def gaussian_kl_terms(mu: torch.Tensor, sigma: torch.Tensor, prior_mu, prior_sig
 
     log(ps/sigma) + (sigma^2 + diff^2) / (2 ps^2) - 1/2 is evaluated as ((s - 1)(s + 1) - 2 log s) / 2
     + diff^2 / (2 ps^2) with s = sigma / ps:
-    - one logarithm, no cancellation of two: exactly 0 at the prior, no negative float32 sums near it;
+    - one logarithm, no cancellation of two: 0 at the prior (exactly where sigma * (1/ps) rounds to 1, else at
+      most 2e-14 per element in float32), no negative float32 sums near it;
     - no sigma^2 to underflow: the KL of a vanishing sigma stays finite (about -log sigma);
     - +inf below the dtype's smallest normal sigma (softplus rho < -87 in float32), where the gradient, through
       1 / sigma, is not finite either: a training loop stops at once instead of taking a non-finite step.

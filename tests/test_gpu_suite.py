@@ -94,7 +94,7 @@ def test_without_diffusers_the_e2e_stage_is_reported_and_its_floor_freed(tmp_pat
 def test_a_failing_variant_or_shape_is_recorded_and_the_table_goes_on(tmp_path, monkeypatch, capsys):
     """ratios.run_ratio_table on a first GPU launch: a variant that raises is left out of that shape's timing and
     ratios (recorded with its error), a shape whose case cannot be built is recorded as such, and the JSON holds the
-    machine from the start."""
+    machine from the start and every shape's record, the last one's too."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import ratios
 
@@ -111,7 +111,7 @@ def test_a_failing_variant_or_shape_is_recorded_and_the_table_goes_on(tmp_path, 
     path = tmp_path / "table.json"
     results = ratios.run_ratio_table(
         ["--json", str(path), "--repeats", "1", "--warmup", "0"], description="test",
-        gpu_shapes={}, cpu_shapes={"one": "one", "broken": "broken", "two": "two"},
+        gpu_shapes={}, cpu_shapes={"one": "one", "two": "two", "broken": "broken"},
         variants=lambda device: ["a", "b", "c"], make_case=make_case,
         ratios={"b_over_a": ("b", "a"), "c_over_a": ("c", "a")}, saved_unit="KiB", saved_variants=("a", "b"))
     assert json.loads(path.read_text())["shapes"] == results["shapes"]
@@ -124,9 +124,9 @@ def test_a_failing_variant_or_shape_is_recorded_and_the_table_goes_on(tmp_path, 
 
 
 def test_compile_only_compiles_the_tables_kernels_without_timing_them(tmp_path):
-    """ratios.py --compile-only (what the suite runs beside the GPU tests, to warm Triton's cache): every kernel a
-    table launches compiles with the real compiler (here for sm_90, no GPU needed), and nothing is timed or
-    written."""
+    """ratios.py and e2e_unet.py --compile-only (what the suite runs beside the GPU tests, to warm Triton's cache):
+    every kernel a table or a variant of ours launches compiles with the real compiler (here for sm_90, no GPU
+    needed), and nothing is timed or written."""
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "BNN_TRITON_AUTOTUNE": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear_ratios.py"), "--compile-only",
@@ -136,6 +136,13 @@ def test_compile_only_compiles_the_tables_kernels_without_timing_them(tmp_path):
     assert len(counts) == 2 and min(counts) > 0, done.stdout
     assert "failed" not in done.stdout and "wrote" not in done.stdout
     assert any(tmp_path.rglob("*.cubin")), "nothing reached Triton's cache"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e_unet.py"), "--config", "tiny",
+                           "--latent-size", "8", "--variants", "full-ft", "ours-dreambooth", "--compile-only"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "kernel compiles" in line]
+    assert len(lines) == 1 and lines[0].startswith("ours-dreambooth: ") and int(lines[0].split()[1]) > 0, lines
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("value", ["0", "1"])

@@ -61,7 +61,7 @@ def test_kl_near_the_prior_keeps_its_precision(backend):
     there, and near it a float32 sum over 200k weights stays within 1e-3 of float64 (log(ps) - log(sigma) summed
     as two logarithms lost the 2e-1 total to cancellation: 7% off here, negative closer in)."""
     device = device_for(backend)
-    for prior_sigma in (0.05, 0.1, 1.0 / 3.0, 1.0):  # s = sigma / ps is 1 to within an ulp: the KL rounds to 0
+    for prior_sigma in (0.05, 0.1, 1.0 / 3.0, 1.0):  # s = sigma * (1 / ps) rounds to exactly 1 for these
         mu = torch.randn(1000, dtype=torch.float32, device=device)
         sigma = torch.full_like(mu, prior_sigma)
         with bk.use_backend(backend):

@@ -425,15 +425,25 @@ def test_a_fresh_run_does_not_silently_replace_an_earlier_run(tiny_sd, tmp_path)
     grids = ("--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_inference_steps", "1")
     _run(tiny_sd, out, "--checkpointing_steps", "100", *grids)
     assert [r["step"] for r in _records(out)] == [1, 2] and (out / "validation" / "step-000002.png").exists()
-    for resume in ([], ["--resume_from_checkpoint", "latest"]):  # latest without a checkpoint is a fresh run
-        with pytest.raises(SystemExit, match=r"holds the records of an earlier run \(training_config.json, "
-                                             r"metrics.jsonl\): .*--overwrite_output_dir"):
-            trainer.main(_argv(tiny_sd, out, "--max_train_steps", "1", *resume))
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(SystemExit, match=r"holds the records of an earlier run \(training_config.json, "
+                                         r"metrics.jsonl\): .*--overwrite_output_dir"):
+        trainer.main(_argv(tiny_sd, out, "--max_train_steps", "1"))
+    AcceleratorState._reset_state(reset_partial_state=True)
     assert [r["step"] for r in _records(out)] == [1, 2]
     _run(tiny_sd, out, "--max_train_steps", "1", "--checkpointing_steps", "100", "--overwrite_output_dir", *grids)
     assert [r["step"] for r in _records(out)] == [1]
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000001.png"]
+    # --resume_from_checkpoint latest with no checkpoint to resume asks to start afresh (a job requeued before
+    # its first checkpoint): it does, with a warning
+    AcceleratorState._reset_state(reset_partial_state=True)
+    _run(tiny_sd, out, "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest")
+    assert [r["step"] for r in _records(out)] == [1, 2]
+
+
+def test_an_fp8_accelerate_config_is_refused_in_one_line(tiny_sd, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")  # what accelerate launch passes from its config
+    with pytest.raises(SystemExit, match=r"mixed precision 'fp8' \(from the accelerate config\) is not supported"):
+        trainer.main(_argv(tiny_sd, tmp_path / "out"))
 
 
 def test_a_resolution_the_vae_cannot_take_is_refused_before_class_images_are_generated(tiny_sd, tmp_path):

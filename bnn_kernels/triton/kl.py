@@ -53,7 +53,8 @@ def sigma_and_slope(rho, SOFTPLUS: tl.constexpr):
 @triton.jit
 def kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR: tl.constexpr):
     """Elementwise KL(N(mu, sigma^2) || N(prior, ps^2)) = ((s - 1)(s + 1) - 2 log s) / 2 + (mu - prior)^2 / (2 ps^2)
-    with s = sigma / ps, as sigma.gaussian_kl_terms: one logarithm, exactly 0 for the posterior at the prior, no
+    with s = sigma / ps, as sigma.gaussian_kl_terms: one logarithm, 0 for the posterior at the prior (to within
+    2e-14 per element: s is sigma times sqrt(1 / ps^2), which rounds to 1 for most prior sigmas), no
     sigma^2 to underflow; +inf below float32's smallest normal sigma, where the gradient (1 / sigma) is not finite
     either."""
     if HAS_PRIOR:
