@@ -377,7 +377,6 @@ class Components:
     noise_scheduler: object
 
 
-
 def vae_scale_factor(vae_config) -> int:
     """How many pixels a latent spans per side: 2 per down block after the first (8 for Stable Diffusion)."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
