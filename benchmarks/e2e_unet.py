@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2e_step import (UNET_CONFIGS, VARIANTS, VariantUnavailable, build_unet, make_batch, setup_variant,  # noqa: E402
                       training_step, forward_loss)
-from ratios import environment, write_json  # noqa: E402
+from ratios import compiling_for_this_gpu, environment, write_json  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -182,14 +182,10 @@ OURS = ("ours-dreambooth", "ours-dreambooth-bf16prior", "ours-lora")  # the vari
 
 def compile_variants(args, device: torch.device) -> dict:
     """--compile-only: one forward and backward of each selected variant of ours inside
-    ``bnn_kernels.triton.aot.capture`` (every autotune config of every kernel compiled for this GPU, nothing
-    launched), at the smallest batch size: the layers' shapes specialise alike at every batch size and with or
+    ``ratios.compiling_for_this_gpu`` (every autotune config of every kernel compiled, nothing launched), at the
+    smallest batch size: the layers' shapes specialise alike at every batch size and with or
     without checkpointing, so the measured runs that follow find their kernels in Triton's cache.  Returns
     {variant: kernel compiles}."""
-    import bnn_kernels as bk
-    from bnn_kernels.triton import aot, common
-
-    arch = common.compute_capability(device) or 90
     compiled, begin = {}, time.perf_counter()
     for variant in [v for v in args.variants if v in OURS]:
         torch.manual_seed(0)
@@ -198,7 +194,7 @@ def compile_variants(args, device: torch.device) -> dict:
         batch = make_batch(args.config, min(args.batch_sizes), device, seed=1, latent_size=args.latent_size)
         launches = []
         try:
-            with aot.capture(arch=arch, autotune_configs="all") as launches, bk.use_backend("triton"):
+            with compiling_for_this_gpu(device) as launches:
                 loss, _ = forward_loss(unet, batch, setup, kl_weight=args.kl_weight)
                 loss.backward()
         except Exception:  # noqa: BLE001 - the measured run reports it

@@ -7,6 +7,7 @@ CPU), interleaved round-robin so that clock drift hits every variant alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -247,17 +248,26 @@ def _describe_error(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
-def compile_table(shapes: dict, make_case: Callable[..., Case], variants: list, dtype, device) -> dict:
-    """--compile-only: run each variant's step once per shape inside ``bnn_kernels.triton.aot.capture`` (every
-    autotune config of every kernel compiled for this GPU, nothing launched), so that the timed run that follows
-    finds them in Triton's cache: the same shapes, dtypes and flags, so the same specialisations.  On a machine
-    without a GPU it compiles for sm_90 (the import needs TRITON_INTERPRET=0).  Returns {shape: kernels compiled}."""
+@contextlib.contextmanager
+def compiling_for_this_gpu(device: torch.device):
+    """Inside: the ops run on the triton backend, and every Triton launch compiles (every autotune config) for
+    ``device``'s GPU, sm_90 where there is none, into Triton's cache instead of running
+    (``bnn_kernels.triton.aot.capture``: the JIT's own path, so the same cache entries as real launches); yields
+    the list of compiles.  The import needs TRITON_INTERPRET=0."""
     from bnn_kernels.triton import aot, common
 
-    arch = common.compute_capability(device) or 90
+    with aot.capture(arch=common.compute_capability(device) or 90, autotune_configs="all") as launches, \
+            bk.use_backend("triton"):
+        yield launches
+
+
+def compile_table(shapes: dict, make_case: Callable[..., Case], variants: list, dtype, device) -> dict:
+    """--compile-only: run each variant's step once per shape inside ``compiling_for_this_gpu``, so that the timed
+    run that follows finds its kernels in Triton's cache: the same shapes, dtypes and flags, so the same
+    specialisations.  Returns {shape: kernels compiled}."""
     compiled, begin = {}, time.perf_counter()
     for name, shape in shapes.items():
-        with aot.capture(arch=arch, autotune_configs="all") as launches, bk.use_backend("triton"):
+        with compiling_for_this_gpu(device) as launches:
             case = make_case(shape, dtype, device)
             for variant in variants:
                 try:

@@ -174,7 +174,7 @@ def runs_on(name: str, device: torch.device) -> bool:
     if device.type == "cpu" and not triton_interpreted():  # under aot.capture they compile for a GPU instead
         module = _load("triton")
         return module is not None and module.capturing()
-    return device.type == "cuda" or device.type == "cpu"
+    return device.type in ("cuda", "cpu")
 
 
 def select(device: torch.device) -> str:
