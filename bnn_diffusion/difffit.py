@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import BayesianModule
+
 __all__ = ["SCALED_BRANCHES", "CONDITION_EMBEDDING_TYPES", "CONDITION_EMBEDDING_NAMES", "ScaledLinear", "prepare",
            "merge", "scaled_layers"]
 
@@ -171,10 +173,18 @@ def prepare(model: nn.Module) -> list:
     Adds a ``ScaledLinear`` (gamma = 1.0) at every branch output of the transformer blocks listed in
     ``SCALED_BRANCHES`` (outputs are unchanged), then sets ``requires_grad=True`` on the gammas, the biases, the
     normalisation layers' parameters and the condition embeddings' parameters, and ``False`` on every other parameter.
-    Calling it again keeps the existing gammas.  ValueError if the model has no supported transformer block.
+    Calling it again keeps the existing gammas.  ValueError if the model has no supported transformer block;
+    TypeError if it already holds adapters (Bayesian layers, PEFT layers), whose parameters this would freeze:
+    prepare first, then ``bnn_diffusion.patch(..., freeze_others=False)`` keeps DiffFit's trainable set.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    adapters = [name for name, module in model.named_modules()
+                if isinstance(module, BayesianModule) or isinstance(module._modules.get("base_layer"), nn.Module)]
+    if adapters:
+        raise TypeError(f"{type(model).__name__} already has adapter layers, which DiffFit would freeze: "
+                        f"{adapters[:3]}{' ...' if len(adapters) > 3 else ''}; prepare the model before adding "
+                        f"adapters (bnn_diffusion.patch(..., freeze_others=False) after prepare keeps both trainable)")
     sites = []
     for name, module in model.named_modules():
         block_type = _block_type(module)

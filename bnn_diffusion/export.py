@@ -14,7 +14,8 @@ the loaders' default alpha = rank (scale 1), with or without metadata, and repro
     transformer.load_lora_adapter("out/x.safetensors", prefix="transformer")        # SD3 / Flux (save_lora prefix)
 
 Only the LoRA layers are exported: a model that also holds full-rank Bayesian layers is refused (their means are not
-low-rank; ``merge`` the model and save it whole instead).  Parameters trained outside the LoRA layers (e.g. with
+low-rank; ``merge`` the model and save it whole instead), and so is a LoRA over a dilated conv (PEFT builds its
+``lora_A`` without the base's dilation: the file would load and compute something else).  Parameters trained outside the LoRA layers (e.g. with
 ``patch(..., freeze_others=False)``) are not part of a LoRA file either.
 """
 from __future__ import annotations
@@ -61,6 +62,11 @@ def lora_state_dict(model: nn.Module, *, prefix: Optional[str] = "unet",
         raise ValueError(f"{type(model).__name__} also has full-rank Bayesian layers, which a LoRA file cannot "
                          f"hold: {full[:3]}{' ...' if len(full) > 3 else ''}; merge the model "
                          f"(bnn_diffusion.merge) and save it whole instead")
+    dilated = [name for name, m in lora if isinstance(m, BayesLoRAConv2d) and m.dilation != (1, 1)]
+    if dilated:
+        raise ValueError(f"{type(model).__name__} has LoRA layers over dilated convs, which PEFT's LoRA format "
+                         f"cannot hold (its lora_A has no dilation): {dilated[:3]}{' ...' if len(dilated) > 3 else ''}"
+                         f"; merge the model (bnn_diffusion.merge) and save it whole instead")
     state = {}
     head = f"{prefix}." if prefix else ""
     with torch.no_grad():

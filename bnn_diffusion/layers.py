@@ -718,7 +718,8 @@ class BayesLoRALinear(_LinearGeometry, _LoRA):
 class BayesLoRAConv2d(_Conv2dGeometry, _LoRA):
     """A frozen ``nn.Conv2d`` plus a LoRA update with one Bayesian factor: ``lora_A`` (rank, in_channels, kh, kw) is
     a conv with the base's kernel, stride, padding and dilation and ``lora_B`` (out_channels, rank, 1, 1) a 1x1
-    conv, as PEFT's LoRA for convolutions.  The base must be ungrouped (``groups=1``).  Sampling forward:
+    conv, as PEFT's LoRA for convolutions (whose ``lora_A`` has no dilation, though: ``save_lora`` refuses a dilated
+    layer).  The base must be ungrouped (``groups=1``).  Sampling forward:
     ``bnn_kernels.bayes_lora_conv2d``.  Mean forward: ``conv(x, W, b) + scale * conv1x1(conv(x, A), B)``.
     """
 

@@ -270,7 +270,8 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
     "B" for "paper-lora", "A" for "bayes-lora"); ``lora_dtype`` the factors' dtype (default: the base weight's).
     ``freeze_others``: set ``requires_grad=False`` on every parameter that is not trained by a Bayesian module
     (``unpatch`` turns them back on); the frozen base of a LoRA layer is frozen regardless.  Layers that are already
-    Bayesian are left as they are.
+    Bayesian are left as they are; every ``targets`` pattern (or, without ``targets``, the preset as a whole) must
+    match at least one layer that is not, else ValueError.
 
     The returned names are where the Bayesian modules now sit (``model.get_submodule(name)``): for a layer wrapped
     by PEFT that is ``<wrapper>.base_layer``.  A model wrapped by torch.compile or DDP is patched inside the

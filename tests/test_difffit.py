@@ -189,8 +189,14 @@ def test_errors():
         ScaledLinear(nn.Conv2d(2, 2, 1))
     model, _ = build("dit")
     bd.patch(model, targets=["attn1.to_out.0"])
-    with pytest.raises(TypeError, match="plain nn.Linear at transformer_blocks.0.attn1.to_out.0.*BayesLinear"):
+    with pytest.raises(TypeError, match="adapter layers.*transformer_blocks.0.attn1.to_out.0"):
         difffit.prepare(model)
+    model, _ = build("dit")  # an adapter off the scaled branches would be frozen silently
+    bd.patch(model, targets=["attn1.to_q"])
+    with pytest.raises(TypeError, match="adapter layers.*attn1.to_q"):
+        difffit.prepare(model)
+    assert all(layer.weight_mu.requires_grad and layer.weight_rho.requires_grad
+               for _, layer in bd.bayesian_modules(model))
     assert difffit.merge(nn.Linear(2, 2)) == []
 
 

@@ -133,6 +133,19 @@ def test_errors(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written on error
 
 
+def test_a_lora_over_a_dilated_conv_is_refused(tmp_path):
+    """PEFT builds a conv's lora_A without the base's dilation: such a file would load without a warning and
+    compute another function (or fail at the first forward), so it is not written."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.Conv2d(6, 6, 3, padding=2, dilation=2))
+    bd.patch(model, "paper-lora", targets=["0", "1"])
+    with pytest.raises(ValueError, match=r"dilated convs.*\['1'\]"):
+        bd.save_lora(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+    bd.unpatch(model)
+    bd.patch(model, "paper-lora", targets=["0"])
+    assert set(lora_state_dict(model, prefix=None)) == {"0.lora_A.weight", "0.lora_B.weight"}
+
+
 @pytest.mark.parametrize("wrap", [torch.compile, torch.nn.DataParallel], ids=["compiled", "data-parallel"])
 def test_keys_of_a_wrapped_model_are_the_models_own(wrap):
     """save_lora on the model training holds (torch.compile's or DDP's wrapper) writes the keys a loader finds:

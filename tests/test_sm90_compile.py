@@ -22,6 +22,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -58,8 +59,10 @@ def _compile(tmp_path, index, arch, extra):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
+    """The reports of RUNS, compiled side by side, one process per core (each compiles its kernels one by one)."""
     tmp_path = tmp_path_factory.mktemp("sm90")
-    results = [_compile(tmp_path, index, arch, extra) for index, (arch, extra) in enumerate(RUNS)]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(RUNS), len(os.sched_getaffinity(0))))) as pool:
+        results = list(pool.map(lambda run: _compile(tmp_path, run[0], *run[1]), enumerate(RUNS)))
     return results, [record for result in results for record in result["records"]]
 
 

@@ -98,7 +98,7 @@ def test_smoke_study_end_to_end(tmp_path, capsys):
     assert refused.value.code == 2
     message = capsys.readouterr().err
     assert "holds another study: " in message
-    assert "study-smoke.json, written by `python -m bnn_diffusion.study --out" in message
+    assert "study-smoke.json, written by `bnn-diffusion study --out" in message
     assert "--overwrite" in message
     assert (out / "report.md").read_bytes() == report_before and (out / "samples-baseline.png").exists()
     assert main(["--out", str(out), "--preset", "smoke", "--no-progress", "--steps", "6", "--methods", "bnn",

@@ -1,6 +1,6 @@
 """The study from end to end, and its command line:
 
-    python -m bnn_diffusion.study --out DIR --preset quick|full [--seeds 0 1 2] [--methods baseline bnn ...]
+    bnn-diffusion study --out DIR --preset quick|full [--seeds 0 1 2] [--methods baseline bnn ...]
 
 Pretrain (or load from ``<out>/cache``) the diffusion model and the classifier, fine-tune every method on every
 seed (each finished run is cached under ``<out>/cache/runs``, so an interrupted study resumes where it stopped),
@@ -293,7 +293,7 @@ def run_study(config: StudyConfig, out, *, progress: bool = True, command: str =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bnn_diffusion.study",
+        prog="bnn-diffusion study",
         description="Offline study of the corruption stage of few-shot diffusion fine-tuning and its mitigation by "
                     "Bayesian fine-tuning (bnn_diffusion.patch) and CEP, on scikit-learn's digits.")
     parser.add_argument("--out", default="bnn-study", help="output directory (report, figures, JSON, cache)")
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     shown = sys.argv[1:] if argv is None else list(argv)
-    command = "python -m bnn_diffusion.study " + " ".join(shlex.quote(a) for a in shown)
+    command = f"{parser.prog} " + " ".join(shlex.quote(a) for a in shown)
     try:
         result = run_study(config, args.out, progress=not args.no_progress, command=command.strip(),
                            json_copy=args.json, overwrite=args.overwrite)
