@@ -901,6 +901,19 @@ def check_resume_config(checkpoint: Path, config: dict) -> dict:
     return state
 
 
+def check_class_image_count(checkpoint: Path, state: dict, args: argparse.Namespace) -> None:
+    """Before any class image is generated: a resume under --with_prior_preservation trains on as many class images
+    as the checkpoint's run (``generate_class_images`` fills the folder up to --num_class_images, so that run used
+    exactly its own count); UsageError otherwise, instead of generating images for a resume that is then refused."""
+    recorded = state["config"].get("class_images")
+    if not args.with_prior_preservation or recorded is None:
+        return
+    count = int(recorded.split(" ", 1)[0])
+    if count != args.num_class_images:
+        raise UsageError(f"--resume_from_checkpoint {str(checkpoint)!r} was written with {count} class images "
+                         f"(now --num_class_images {args.num_class_images}): resume with --num_class_images {count}")
+
+
 def _optimizer_settings(optimizer) -> list:
     """Each parameter group's settings, everything but its parameters (lr, initial_lr, betas, eps, weight_decay)."""
     return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
@@ -1077,9 +1090,11 @@ def train(args: argparse.Namespace) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
-    if resume_from is not None:  # the flags and instance images now; the base model and class images once known
+    if resume_from is not None:  # the flags, instance images and class image count now; the rest once known
         early = _resume_config(args, accelerator.num_processes, None, images_fingerprint(instance_images), None)
-        check_resume_config(resume_from, {k: v for k, v in early.items() if k not in ("base_unet", "class_images")})
+        state = check_resume_config(resume_from, {k: v for k, v in early.items()
+                                                  if k not in ("base_unet", "class_images")})
+        check_class_image_count(resume_from, state, args)
 
     class_images = None
     if args.with_prior_preservation:

@@ -292,17 +292,22 @@ def test_difffit_merges_into_a_plain_unet(tiny_sd, tmp_path, preset, extra):
 
 
 def test_prior_preservation_generates_class_images_and_accumulates(tiny_sd, tmp_path):
+    """... and a resume asking for another class image count is refused before any image is generated."""
     class_dir = tmp_path / "class"
     output_dir = tmp_path / "out"
-    _run(tiny_sd, output_dir, "--max_train_steps", "1", "--method", "full", "--preset", "none",
-         "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of dog",
-         "--num_class_images", "2", "--sample_batch_size", "2", "--num_class_inference_steps", "2",
-         "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16")
+    flags = ("--method", "full", "--preset", "none", "--with_prior_preservation", "--class_data_dir", str(class_dir),
+             "--class_prompt", "a photo of dog", "--sample_batch_size", "2", "--num_class_inference_steps", "2",
+             "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16", "--checkpointing_steps", "1")
+    _run(tiny_sd, output_dir, "--max_train_steps", "1", "--num_class_images", "2", *flags)
     assert sorted(p.name for p in class_dir.iterdir()) == ["class-00000.png", "class-00001.png"]
     (record,) = _records(output_dir)
     assert record["prior_mse"] > 0 and record["kl"] is None
     assert record["loss"] == pytest.approx(record["mse"] + record["prior_mse"], rel=1e-5)
     assert record["epoch"] == pytest.approx(2 * 2 / 3)  # two batches of two over three images
+    with pytest.raises(SystemExit, match="written with 2 class images \\(now --num_class_images 3\\)"):
+        trainer.main(_argv(tiny_sd, output_dir, "--max_train_steps", "2", "--num_class_images", "3",
+                           "--resume_from_checkpoint", "latest", *flags))
+    assert len(list(class_dir.iterdir())) == 2
 
 
 def test_min_snr_weights_follow_the_formula():
