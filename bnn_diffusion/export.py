@@ -15,8 +15,8 @@ the loaders' default alpha = rank (scale 1), with or without metadata, and repro
 
 Only the LoRA layers are exported: a model that also holds full-rank Bayesian layers is refused (their means are not
 low-rank; ``merge`` the model and save it whole instead), and so is a LoRA over a dilated conv (PEFT builds its
-``lora_A`` without the base's dilation: the file would load and compute something else).  Parameters trained outside the LoRA layers (e.g. with
-``patch(..., freeze_others=False)``) are not part of a LoRA file either.
+``lora_A`` without the base's dilation: the file would load and compute something else).  Parameters trained outside
+the LoRA layers (e.g. with ``patch(..., freeze_others=False)``) are not part of a LoRA file either.
 """
 from __future__ import annotations
 
@@ -85,10 +85,9 @@ def save_lora(model: nn.Module, path: Union[str, os.PathLike], *, prefix: Option
     ``path``: a file name ending in ``.safetensors``, or a directory (created if needed) that receives
     ``pytorch_lora_weights.safetensors``, where ``pipe.load_lora_weights(directory)`` looks.  ``prefix``: the
     component the keys start with: ``"unet"`` (default; ``unet.load_lora_adapter(path, prefix="unet")`` and
-    Stable Diffusion pipelines), ``"transformer"`` for SD3 / Flux (a DiT's diffusers class has no LoRA loader: its keys still follow the same
-    layout), or None.  ``dtype``: the saved dtype
-    (default: the factors').  See ``lora_state_dict`` for the content; ValueError when the model has no Bayesian
-    LoRA layer.
+    Stable Diffusion pipelines), ``"transformer"`` for SD3 / Flux (a DiT's diffusers class has no LoRA loader: its
+    keys still follow the same layout), or None.  ``dtype``: the saved dtype (default: the factors').  See
+    ``lora_state_dict`` for the content and the models it refuses (ValueError).
     """
     from safetensors.torch import save_file
 
