@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.requirements-installed
 TRITON36 := $(VENV)/triton-3.6
 TRITON36_INSTALLED := $(TRITON36)/.installed
 
-.PHONY: help install test test-triton36 pytest-main pytest-sm90 pytest-triton36 bench demo check-gpu-image clean
+.PHONY: help install test test-triton36 pytest-main pytest-sm90-then-triton36 bench demo check-gpu-image clean
 
 help:
 	@echo "make test   - set up .venv, build from source, run the test suite (CPU, Triton interpreter) and, side by"
@@ -34,19 +34,17 @@ TEST_TRITON36 = PYTHONPATH=$(TRITON36) TRITON_INTERPRET=1 $(BIN)/python -m pytes
 
 SM90_TEST := tests/test_sm90_compile.py
 
-# Three pytest processes side by side, each one's output printed when it ends: the suite without the sm_90 compile
-# test (it keeps one core busy), that test (ptxas runs, one process per core) and the Triton 3.6 pass.
+# Two jobs side by side, each one's output printed when it ends: the suite without the sm_90 compile test (it keeps
+# about one core busy), and that test (ptxas runs, one process per core) followed by the Triton 3.6 pass.
 test: install $(TRITON36_INSTALLED)
-	$(MAKE) --no-print-directory -j3 --output-sync=target pytest-main pytest-sm90 pytest-triton36
+	$(MAKE) --no-print-directory -j2 --output-sync=target pytest-main pytest-sm90-then-triton36
 
 # the parts alone, without the set-up (test runs them after it)
 pytest-main:
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q --ignore=$(SM90_TEST)
 
-pytest-sm90:
+pytest-sm90-then-triton36:
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest $(SM90_TEST) -q -p no:cacheprovider
-
-pytest-triton36:
 	$(TEST_TRITON36)
 
 $(TRITON36_INSTALLED): requirements-triton36.txt | $(INSTALLED)

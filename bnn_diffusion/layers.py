@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bnn_kernels as bk
-from bnn_kernels.checks import check_choice, check_positive_float
+from bnn_kernels.checks import check_choice, check_positive_float, check_prior_sigma
 from bnn_kernels.ops import LORA_FACTORS, explicit_conv_padding
 from bnn_kernels.sigma import ESTIMATORS, SIGMA_PARAMS, sigma_from_rho
 
@@ -124,7 +124,7 @@ class BayesianModule(nn.Module):
 
     def _init_posterior(self, sigma_init: float, prior_sigma: float, sigma_param: str, estimator: str) -> None:
         self.sigma_init = check_positive_float("sigma_init", sigma_init)
-        self.prior_sigma = check_positive_float("prior_sigma", prior_sigma)
+        self.prior_sigma = check_prior_sigma(prior_sigma)
         check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
         check_choice("estimator", estimator, ESTIMATORS)
         self.sigma_param = sigma_param

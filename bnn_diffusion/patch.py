@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from bnn_kernels.checks import check_choice, check_positive_float
+from bnn_kernels.checks import check_choice, check_positive_float, check_prior_sigma
 from bnn_kernels.sigma import ESTIMATORS, SIGMA_PARAMS
 
 from .layers import (LORA_FACTORS, BayesConv2d, BayesianModule, BayesLinear, BayesLoRAConv2d,
@@ -286,7 +286,7 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
     if bayes is not None:
         check_choice("bayes", bayes, LORA_FACTORS)
     options = dict(sigma_init=check_positive_float("sigma_init", sigma_init),
-                   prior_sigma=check_positive_float("prior_sigma", prior_sigma), sigma_param=sigma_param,
+                   prior_sigma=check_prior_sigma(prior_sigma), sigma_param=sigma_param,
                    estimator=estimator, rank=rank, bayes=bayes or spec.bayes or "B", prior_dtype=prior_dtype,
                    lora_alpha=None if lora_alpha is None else check_positive_float("lora_alpha", lora_alpha),
                    lora_dtype=lora_dtype)

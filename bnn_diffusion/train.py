@@ -47,6 +47,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from bnn_kernels.checks import check_prior_sigma
+
 from . import data as data_lib
 from .patch import PRESETS, bayesian_modules, kl_loss, merge, patch
 
@@ -244,6 +246,10 @@ def _check_args(args: argparse.Namespace) -> Optional[str]:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             return f"--{name} must be a finite number > 0, got {value}"
+    try:
+        check_prior_sigma(args.prior_sigma)
+    except ValueError as error:
+        return f"--{error}"
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             return f"--{name} must be in [0, 1), got {getattr(args, name)}"

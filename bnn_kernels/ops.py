@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import registry
-from .checks import check_choice, check_positive_float
+from .checks import check_choice, check_prior_sigma
 from .sigma import ESTIMATORS, SIGMA_PARAMS, compute_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -85,7 +85,7 @@ def _check_posterior(mu, rho, prior_mu, prior_sigma, sigma_param) -> float:
             raise ValueError(f"prior_mu must have mu's shape {tuple(mu.shape)}, got {tuple(prior_mu.shape)}")
     _check_same_device(mu.device, rho=rho, prior_mu=prior_mu)
     check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
-    return check_positive_float("prior_sigma", prior_sigma)
+    return check_prior_sigma(prior_sigma)
 
 
 def _check_finite(**tensors) -> None:
@@ -422,8 +422,11 @@ def _conv_output_shape(x_shape, mu_shape, stride, padding, dilation) -> tuple:
 
 def _conv_geometry(x: torch.Tensor, weight_shape, stride, padding, dilation):
     """(x as a contiguous NCHW batch, stride, padding, dilation as 2-element lists) for a conv2d with a weight of
-    ``weight_shape``; ValueError when x is too small for the kernel."""
+    ``weight_shape``; ValueError when x is too small for the kernel or has no pixels (torch's conv2d takes zero
+    batch or zero channels only)."""
     kernel = tuple(weight_shape[2:])
+    if min(x.shape[-2:]) == 0:
+        raise ValueError(f"x has no pixels: spatial size {tuple(x.shape[-2:])}")
     stride = _int_pair("stride", stride, 1)
     dilation = _int_pair("dilation", dilation, 1)
     padding = explicit_conv_padding(padding, kernel, stride, dilation)
@@ -569,7 +572,7 @@ def _check_lora(x, weight, bias, lora_a, lora_b, rho, scale, bayes, prior_sigma,
     check_choice("bayes", bayes, LORA_FACTORS)
     check_choice("estimator", estimator, ESTIMATORS)
     check_choice("sigma_param", sigma_param, SIGMA_PARAMS)
-    prior_sigma = check_positive_float("prior_sigma", prior_sigma)
+    prior_sigma = check_prior_sigma(prior_sigma)
     scale = _check_scale(scale)
     for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("rho", rho)):
         _check_float(name, tensor)

@@ -69,14 +69,16 @@ def bayes_linear_materialised(x, mu, rho, bias, seed, prior_mu=None, prior_sigma
 # tests check these against autograd through ``bayes_linear_materialised``.
 
 def _sigma_and_kl_grads(mu, rho, prior_mu, prior_sigma, sigma_param, grad_kl):
-    """sigma, s'(rho), and gk * dKL/dmu, gk * dKL/dsigma, all in float32 at least."""
+    """sigma, s'(rho), and gk * dKL/dmu, gk * dKL/dsigma, all in float32 at least (dKL/dsigma 0 for gk = 0, also
+    where sigma underflowed to 0)."""
     acc = torch.promote_types(mu.dtype, torch.float32)
     mu_, rho_ = mu.to(acc), rho.to(acc)
     sigma = sigma_from_rho(rho_, sigma_param)
     dsigma_drho = torch.sigmoid(rho_) if sigma_param == "softplus" else (rho_ >= MIN_SIGMA).to(acc)
     diff = mu_ if prior_mu is None else mu_ - prior_mu.to(acc)
     gk = grad_kl.to(acc)
-    return sigma, dsigma_drho, gk * diff / prior_sigma**2, gk * (sigma / prior_sigma**2 - 1.0 / sigma)
+    kl_dsigma = torch.where(gk != 0, gk * (sigma / prior_sigma**2 - 1.0 / sigma), 0.0)
+    return sigma, dsigma_drho, gk * diff / prior_sigma**2, kl_dsigma
 
 
 def gaussian_kl_fwd(mu, rho, prior_mu, prior_sigma, sigma_param):

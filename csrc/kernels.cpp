@@ -170,12 +170,14 @@ BNN_INLINE void grad_loop(const PosteriorBlock<T>& post, const PriorTerms& prior
   BNN_UNPACK_POSTERIOR(post)
   const T gk = static_cast<T>(prior.grad_scale);
   const T gk_inv_var = static_cast<T>(prior.grad_scale * prior.inv_var);
+  // no KL in the loss (gk = 0): no KL gradient either, also where sigma underflowed to 0 (gk / sigma = 0 / 0)
+  const bool with_kl_grad = prior.grad_scale != 0.0;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     T sigma, derivative;
     sigma_and_derivative(rho_ptr[i], kSoftplus, sigma, derivative);
     const T kl_dmu = gk_inv_var * prior_diff<T, kPrior>(mu_ptr, prior_ptr, i);
-    const T kl_dsigma = gk_inv_var * sigma - gk / sigma;
+    const T kl_dsigma = with_kl_grad ? gk_inv_var * sigma - gk / sigma : T(0);
     T dsigma;
     if (kKind == GradKind::kReparam) {
       dmu[i] = g_mean[i] + kl_dmu;

@@ -357,7 +357,9 @@ def _call(**overrides):
     (dict(groups=0), ValueError, "groups must be at least 1"),
     (dict(groups=2.0), TypeError, "groups must be an int"),
     (dict(x=torch.randn(2, 4, 2, 2)), ValueError, "too small for kernel"),
+    (dict(x=torch.randn(2, 4, 0, 6), padding=1), ValueError, "x has no pixels"),  # padding: an output of 2 x 6
     (dict(prior_sigma=0.0), ValueError, "prior_sigma"),
+    (dict(prior_sigma=1e-20), ValueError, r"prior_sigma must be in \[1e-18, 1e\+18\]"),
     (dict(prior_sigma="big"), TypeError, "prior_sigma"),
     (dict(sigma_param="exp"), ValueError, "sigma_param must be one of"),
     (dict(estimator="flipout"), ValueError, "estimator must be one of"),

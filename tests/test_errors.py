@@ -29,6 +29,7 @@ def _call(**overrides):
     (dict(prior_mu=torch.randn(4, 5)), ValueError, "prior_mu must have mu's shape"),
     (dict(prior_sigma=0.0), ValueError, "prior_sigma"),
     (dict(prior_sigma=-1.0), ValueError, "prior_sigma"),
+    (dict(prior_sigma=1e-20), ValueError, "prior_sigma must be in"),  # 1 / (2 ps^2) overflows float32
     (dict(prior_sigma="big"), TypeError, "prior_sigma"),
     (dict(sigma_param="exp"), ValueError, "sigma_param must be one of"),
     (dict(estimator="flipout"), ValueError, "estimator must be one of"),
@@ -81,6 +82,7 @@ def test_float64_only_on_backends_that_take_it():
 @pytest.mark.parametrize("call, error, words", [
     (lambda: bk.gaussian_kl(torch.randn(3), torch.randn(4)), ValueError, "rho must have mu's shape"),
     (lambda: bk.gaussian_kl(torch.randn(3), torch.randn(3), prior_sigma=0), ValueError, "prior_sigma"),
+    (lambda: bk.gaussian_kl(torch.randn(3), torch.randn(3), prior_sigma=2e18), ValueError, "prior_sigma must be in"),
     (lambda: bk.gaussian_kl(torch.randn(3), torch.randn(3), sigma_param="log"), ValueError, "sigma_param"),
     (lambda: bk.philox_normal(1.0, (3,)), TypeError, "seed must be an int"),
     (lambda: bk.philox_normal(1, (3,), offset=-1), ValueError, "offset"),

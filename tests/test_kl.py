@@ -109,6 +109,27 @@ def test_kl_of_a_vanishing_sigma_stays_finite(backend, prior_sigma):
                               sigma_param="softplus").item() == math.inf
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt"])
+def test_a_sigma_underflowed_to_zero_gets_no_kl_gradient_when_the_kl_is_not_in_the_loss(backend, estimator):
+    """softplus(-200) is 0 in float32: the KL is +inf there, but a loss that leaves the KL out (a KL weight of 0)
+    gets a zero gradient of KL, not 0 * (sigma / ps^2 - 1 / sigma) = NaN: rho's gradient is the materialising
+    oracle's, 0, not NaN."""
+    device = device_for(backend)
+    x = torch.randn(3, 4, device=device)
+    mu = torch.randn(5, 4, device=device, requires_grad=True)
+    rho = torch.full((5, 4), -200.0, device=device).index_fill_(1, torch.tensor([0], device=device), -3.0)
+    rho.requires_grad_(True)
+    with bk.use_backend(backend):
+        y, kl = bk.bayes_linear(x, mu, rho, seed=1, prior_sigma=0.1, sigma_param="softplus", estimator=estimator)
+        y.sum().backward()
+        kl_alone = bk.gaussian_kl(mu, rho, None, 0.1, sigma_param="softplus")
+        (0.0 * kl_alone).backward()  # gk = 0 through gaussian_kl's own backward
+    assert kl.item() == math.inf
+    assert torch.isfinite(rho.grad).all() and torch.isfinite(mu.grad).all()
+    assert (rho.grad[:, 1:] == 0).all() and (rho.grad[:, 0] != 0).all()  # rho = -3 keeps its data gradient
+
+
 def test_kl_closed_form_single_element():
     mu, sigma, prior_sigma = 0.3, 0.2, 0.5
     expected = math.log(prior_sigma / sigma) + (sigma**2 + mu**2) / (2 * prior_sigma**2) - 0.5

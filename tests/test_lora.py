@@ -550,7 +550,9 @@ def _conv_args():
     (dict(stride=0), ValueError, "stride must be at least 1"),
     (dict(padding=(1, 2, 3)), TypeError, "padding must be an int or a pair"),
     (dict(x=torch.randn(2, 3, 2, 2)), ValueError, "too small for kernel"),
+    (dict(x=torch.randn(2, 3, 6, 0), padding=1), ValueError, "x has no pixels"),
     (dict(bayes="A"), ValueError, "Bayesian factor lora_a"),
+    (dict(prior_sigma=1e19), ValueError, "prior_sigma must be in"),
 ])
 def test_bad_bayes_lora_conv2d_arguments(overrides, error, words):
     args, kwargs = _conv_args(), dict(scale=1.0, seed=1)

@@ -68,12 +68,13 @@ def kl_terms(mu, sigma, prior, half_inv_ps2, HAS_PRIOR: tl.constexpr):
 
 @triton.jit
 def kl_grads(mu, sigma, prior, gk, inv_ps2, HAS_PRIOR: tl.constexpr):
-    """gk * dKL/dmu = gk (mu - prior) / ps^2 and gk * dKL/dsigma = gk (sigma / ps^2 - 1 / sigma)."""
+    """gk * dKL/dmu = gk (mu - prior) / ps^2 and gk * dKL/dsigma = gk (sigma / ps^2 - 1 / sigma); 0 for gk = 0 (no
+    KL in the loss), also where sigma underflowed to 0 (gk / sigma would be 0 / 0)."""
     if HAS_PRIOR:
         diff = mu - prior
     else:
         diff = mu
-    return gk * diff * inv_ps2, gk * (sigma * inv_ps2 - 1.0 / sigma)
+    return gk * diff * inv_ps2, tl.where(gk != 0.0, gk * (sigma * inv_ps2 - 1.0 / sigma), 0.0)
 
 
 @triton.jit

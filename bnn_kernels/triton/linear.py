@@ -450,7 +450,7 @@ def linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estim
     N = mu.shape[0]
     if min(M, N, K) == 0:  # nothing to launch; the reference handles empty GEMMs
         y, kl, _ = reference.linear_fwd(x, mu, rho, bias, prior_mu, seed, prior_sigma, sigma_param, estimator)
-        return y, kl, (x.new_zeros((M, N)) if estimator == "lrt" else x.new_empty(0))
+        return y, kl, (x.new_zeros((M, N), dtype=compute_dtype(x.dtype)) if estimator == "lrt" else x.new_empty(0))
     if estimator == "reparam" and reparam_variant(M, x.device, x.dtype) == "transient":
         y, kl = transient_linear_fwd(x, mu, rho, bias, prior, seed, prior_sigma, sigma_param)
         return y, kl, x.new_empty(0)
