@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.requirements-installed
 TRITON36 := $(VENV)/triton-3.6
 TRITON36_INSTALLED := $(TRITON36)/.installed
 
-.PHONY: help install test test-triton36 pytest-main pytest-sm90-then-triton36 bench demo check-gpu-image clean
+.PHONY: help install test test-triton36 pytest-main pytest-triton36 bench demo check-gpu-image clean
 
 help:
 	@echo "make test   - set up .venv, build from source, run the test suite (CPU, Triton interpreter) and, side by"
@@ -32,20 +32,17 @@ install: $(INSTALLED)
 TEST_TRITON36 = PYTHONPATH=$(TRITON36) TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q -k "triton or sm90" \
 	-p no:cacheprovider
 
-SM90_TEST := tests/test_sm90_compile.py
-
-# Two jobs side by side, each one's output printed when it ends: the suite without the sm_90 compile test (it keeps
-# about one core busy), and that test (ptxas runs, one process per core) followed by the Triton 3.6 pass.
+# The two passes side by side, each one's output printed when it ends; the Triton 3.6 pass (interpreter and ptxas)
+# on one OpenMP thread, so that it does not compete with the main pass's torch threads for the same cores.
 test: install $(TRITON36_INSTALLED)
-	$(MAKE) --no-print-directory -j2 --output-sync=target pytest-main pytest-sm90-then-triton36
+	$(MAKE) --no-print-directory -j2 --output-sync=target pytest-main pytest-triton36
 
-# the parts alone, without the set-up (test runs them after it)
+# the passes alone, without the set-up (test runs them after it)
 pytest-main:
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q --ignore=$(SM90_TEST)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -q
 
-pytest-sm90-then-triton36:
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest $(SM90_TEST) -q -p no:cacheprovider
-	$(TEST_TRITON36)
+pytest-triton36:
+	OMP_NUM_THREADS=1 $(TEST_TRITON36)
 
 $(TRITON36_INSTALLED): requirements-triton36.txt | $(INSTALLED)
 	$(BIN)/python -m pip install --no-deps --upgrade --target $(TRITON36) -r requirements-triton36.txt
