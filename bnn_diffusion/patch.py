@@ -168,6 +168,38 @@ def _patterns(targets) -> list:
     return patterns
 
 
+_PATCHABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_not_in_ddp(model: nn.Module) -> None:
+    """TypeError if DistributedDataParallel wraps ``model`` (at any depth of the training wrappers)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise TypeError("cannot patch a model inside DistributedDataParallel: DDP averages the gradients of the "
+                            "parameters it was built with, which would leave out the Bayesian ones; patch the model "
+                            "first, then wrap it (accelerator.prepare after bnn_diffusion.patch)")
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, nn.DataParallel):
+            model = model.module
+        else:
+            return
+
+
+def _replaces_more_than_the_plain_layer(module: nn.Module) -> Optional[str]:
+    """Why replacing this ``nn.Linear`` / ``nn.Conv2d`` (subclass) by a Bayesian layer, which computes the plain
+    layer's function, would drop part of what it computes, or None.  diffusers' ``LoRACompatibleLinear`` / ``Conv``
+    override ``forward`` but compute the plain function while their ``lora_layer`` is None."""
+    children = [name for name, child in module.named_children() if child is not None]
+    if children:
+        return f"its {type(module).__name__} has submodules ({', '.join(children[:3])}) that its forward uses"
+    plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    if type(module).forward is not plain.forward and getattr(module, "lora_layer", False) is not None:
+        return f"{type(module).__name__} has a forward of its own"
+    return None
+
+
 def _peft_base(module: nn.Module) -> Optional[nn.Module]:
     """The layer a PEFT tuner layer wraps (``module.base_layer``), or None for any other module."""
     base = module._modules.get("base_layer")
@@ -274,11 +306,16 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
     match at least one layer that is not, else ValueError.
 
     The returned names are where the Bayesian modules now sit (``model.get_submodule(name)``): for a layer wrapped
-    by PEFT that is ``<wrapper>.base_layer``.  A model wrapped by torch.compile or DDP is patched inside the
-    wrapper, with the names of the model inside (``unwrapped``).
+    by PEFT that is ``<wrapper>.base_layer``.  A model wrapped by torch.compile or DataParallel is patched inside
+    the wrapper, with the names of the model inside (``unwrapped``); one wrapped by DistributedDataParallel is
+    refused (TypeError): DDP averages the gradients of the parameters it was built with, which would leave out
+    every Bayesian one, so patch first and wrap after.  A subclass of ``nn.Linear`` / ``nn.Conv2d`` with
+    submodules or its own ``forward`` (which a Bayesian layer would drop) is refused (ValueError), except
+    diffusers' ``LoRACompatible*`` layers without a LoRA layer, which compute the plain function.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_not_in_ddp(model)
     model = unwrapped(model)
     spec = _check_preset(preset)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -343,9 +380,15 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
         if id(module) not in made:  # a module shared by several parents becomes one shared Bayesian module
             make = next(f for t, f in factory.items() if isinstance(module, t))
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
-                raise ValueError(f"cannot patch {site.name}: its weight is {weight.dtype} (a quantised layer?); "
-                                 "Bayesian layers need floating-point weights: patch before quantising")
+            if isinstance(weight, torch.Tensor) and weight.dtype not in _PATCHABLE_DTYPES:
+                raise ValueError(f"cannot patch {site.name}: its weight is {weight.dtype} (a quantised or "
+                                 "float8-cast layer?); Bayesian layers need float32, float16, bfloat16 or float64 "
+                                 "weights: patch before quantising or casting")
+            why = _replaces_more_than_the_plain_layer(module)
+            if why:
+                raise ValueError(f"cannot patch {site.name}: {why}; a Bayesian layer computes the plain "
+                                 f"{'Linear' if isinstance(module, nn.Linear) else 'Conv2d'} only (leave it out "
+                                 f"of targets)")
             try:
                 made[id(module)] = make(module, **options)
             except (TypeError, ValueError) as error:
@@ -392,8 +435,11 @@ def merge(model: nn.Module) -> list:
     names replaced.  Full-rank layers: the mean and bias (sharing their storage, no copy);
     LoRA layers: the base weight + scale * B @ A with the factors' means (a new tensor).  The merged model has the
     parameters and outputs of an unpatched model with those weights: zero inference cost.  The priors and sigmas
-    are dropped."""
-    return _replace_all(model, lambda module: module.to_plain())
+    are dropped.  Parameters that ``patch`` froze get ``requires_grad=True`` back, as with ``unpatch``; the merged
+    layers keep the posterior mean's flags (LoRA layers: frozen, as their base was)."""
+    merged = _replace_all(model, lambda module: module.to_plain())
+    _unfreeze_others(model)
+    return merged
 
 
 def unpatch(model: nn.Module) -> list:
@@ -401,13 +447,18 @@ def unpatch(model: nn.Module) -> list:
     frozen LoRA base, no copy), in place; returns the qualified names restored.  Parameters that ``patch`` froze get
     ``requires_grad=True`` back.  The trained posterior is discarded: ``merge`` keeps it."""
     restored = _replace_all(model, lambda module: module.restore())
+    _unfreeze_others(model)
+    return restored
+
+
+def _unfreeze_others(model: nn.Module) -> None:
+    """``requires_grad=True`` back on the parameters ``patch(freeze_others=True)`` froze, and forget them."""
     model = unwrapped(model)
     frozen = model.__dict__.pop("_bnn_frozen_parameters", set())
     if frozen:
         for name, param in model.named_parameters():
             if name in frozen:
                 param.requires_grad_(True)
-    return restored
 
 
 def _replace_all(model: nn.Module, convert) -> list:

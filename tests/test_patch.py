@@ -959,3 +959,88 @@ def test_reset_parameters_leaves_the_pretrained_weight_intact():
     layer.reset_parameters()
     assert torch.equal(linear.weight, pretrained)
     assert torch.equal(layer.prior_mu, layer.weight_mu)  # the prior is the new initial mean
+
+
+def test_patch_refuses_a_model_inside_ddp():
+    """DDP averages the gradients of the parameters it was built with: a layer patched inside it would train apart
+    on every process, so patch refuses and leaves the model as it is."""
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:  # one process, an in-memory store: no port
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        for outer in (wrapped, torch.compile(wrapped)):
+            with pytest.raises(TypeError, match="inside DistributedDataParallel: .*patch the model first"):
+                bd.patch(outer, "all-linear")
+        assert type(model[0]) is nn.Linear and all(p.requires_grad for p in model.parameters())
+        assert bd.patch(model, "all-linear") == ["0", "1"]  # patched first, then wrapped: fine
+        nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)(torch.randn(3, 4)).sum().backward()
+        assert model[0].weight_mu.grad is not None and model[0].weight_rho.grad is not None
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+class _ScaledLinear(nn.Linear):
+    """A linear with a forward of its own: a Bayesian layer in its place would drop the scaling."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _LinearWithChild(nn.Linear):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.extra = nn.Linear(self.in_features, self.out_features, bias=False)
+
+
+def test_subclasses_that_compute_more_than_the_plain_layer_are_refused():
+    for layer, why in ((_ScaledLinear(4, 4), "_ScaledLinear has a forward of its own"),
+                       (_LinearWithChild(4, 4), r"_LinearWithChild has submodules \(extra\)")):
+        model = nn.Sequential(nn.Linear(4, 4), layer)
+        with pytest.raises(ValueError, match=rf"cannot patch 1: (its )?{why}.*leave it out of targets"):
+            bd.patch(model, "all-linear")
+        assert type(model[0]) is nn.Linear and model[1] is layer and not bd.bayesian_modules(model)
+        assert bd.patch(model, "all-linear", targets=["0"]) == ["0"]  # the others stay patchable
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")  # diffusers' pre-PEFT LoRA classes
+def test_lora_compatible_layers_are_patched_only_without_a_lora_layer():
+    lora = pytest.importorskip("diffusers.models.lora")
+    plain = lora.LoRACompatibleLinear(4, 4)
+    model = nn.Sequential(plain)
+    assert bd.patch(model, "all-linear") == ["0"]
+    with_lora = lora.LoRACompatibleLinear(4, 4)
+    with_lora.set_lora_layer(lora.LoRALinearLayer(4, 4, rank=2))
+    model = nn.Sequential(with_lora)
+    with pytest.raises(ValueError, match=r"cannot patch 0: its LoRACompatibleLinear has submodules \(lora_layer\)"):
+        bd.patch(model, "all-linear")
+    assert model[0] is with_lora
+
+
+def test_float8_weights_are_refused_before_any_layer_is_replaced():
+    float8 = getattr(torch, "float8_e4m3fn", None)
+    if float8 is None:
+        pytest.skip("this torch has no float8")
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[1].weight = nn.Parameter(model[1].weight.detach().to(float8), requires_grad=False)
+    with pytest.raises(ValueError, match="cannot patch 1: its weight is torch.float8_e4m3fn"):
+        bd.patch(model, "all-linear")
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("preset", ["paper-dreambooth", "paper-lora"])
+def test_merge_gives_back_the_gradients_patch_froze(preset):
+    model, _ = build("unet")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    names = bd.patch(model, preset)
+    bd.merge(model)
+    merged_layers = {n for n, _ in model.named_parameters() if any(n.startswith(name + ".") for name in names)}
+    now = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert now - merged_layers == trainable - merged_layers  # every other parameter trains again
+    assert "_bnn_frozen_parameters" not in model.__dict__
+    lora_frozen = {n for n in merged_layers if n not in now}
+    assert bool(lora_frozen) == (preset == "paper-lora")  # a merged LoRA layer stays frozen, as its base was
