@@ -66,11 +66,13 @@ STATE_FILE = "training_state.json"
 CONFIG_FILE = "training_config.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# Flags that must match between a checkpoint and the run resuming it (the trainable parameter set and the batch
-# stream); _resume_config adds the process count and the base model's and images' fingerprints.
+# Flags that must match between a checkpoint and the run resuming it (the trainable parameter set, the batch
+# stream, the objective and the optimizer's kind of state); _resume_config adds the process count and the base
+# model's and images' fingerprints.
 RESUME_KEYS = ("method", "preset", "rank", "sigma_param", "estimator", "prior_dtype", "train_batch_size",
                "gradient_accumulation_steps", "with_prior_preservation", "resolution", "center_crop",
-               "num_processes")
+               "instance_prompt", "class_prompt", "prior_sigma", "kl_weight", "prior_loss_weight", "cep",
+               "cep_gamma", "snr_gamma", "offset_noise", "use_8bit_adam", "num_processes")
 
 
 class UsageError(ValueError):
@@ -173,11 +175,11 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     opt.add_argument("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
     opt.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
     opt.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
-    opt.add_argument("--adam_beta1", type=float, default=0.9)
-    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay")
+    opt.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's second-moment decay")
     opt.add_argument("--adam_weight_decay", type=float, default=1e-2,
                      help="AdamW weight decay (never applied to the sigma parameters)")
-    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon")
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     opt.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                      help="autocast dtype (default: accelerate's configuration, else no); fp16 needs a GPU")
@@ -194,7 +196,8 @@ def build_parser(prog: str = "bnn-diffusion finetune") -> argparse.ArgumentParse
     out.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     out.add_argument("--resume_from_checkpoint", default=None,
-                     help="a checkpoint directory, or 'latest' (the newest in --output_dir; starts afresh if none)")
+                     help="a checkpoint directory, or 'latest' (the newest in --output_dir; starts afresh if none "
+                          "and no finished run is there)")
     out.add_argument("--overwrite_output_dir", action="store_true",
                      help="let a fresh run replace the records and result of an earlier run in --output_dir "
                           "(metrics, validation grids, training_config.json, the weights); its checkpoints are "
@@ -227,7 +230,7 @@ def _check_args(args: argparse.Namespace) -> Optional[str]:
     """The first inconsistency of the options, as a message naming the flag, or None."""
     positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "rank",
                 "num_validation_images", "validation_inference_steps", "sample_batch_size",
-                "num_class_inference_steps", "num_train_epochs")
+                "num_class_inference_steps", "num_train_epochs", "lr_num_cycles")
     for name in positive:
         if getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
@@ -260,6 +263,8 @@ def _check_args(args: argparse.Namespace) -> Optional[str]:
         return f"--seed must be in [0, 2**32 - 1024), got {args.seed}"
     if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0 or args.num_class_images < 0:
         return "--lr_warmup_steps, --dataloader_num_workers and --num_class_images must be >= 0"
+    if args.validation_prompt is not None and not args.validation_prompt.strip():
+        return "--validation_prompt is empty: leave it out to write no validation grids"
     if args.with_prior_preservation:
         if args.class_data_dir is None or args.class_prompt is None:
             return "--with_prior_preservation needs --class_data_dir and --class_prompt"
@@ -311,6 +316,22 @@ def _check_output_dir(output_dir: Path, pretrained: Path) -> None:
         raise UsageError(f"--output_dir {str(output_dir)!r} overlaps --pretrained_model_name_or_path "
                          f"{str(pretrained)!r}: the result would overwrite the pretrained model; choose another "
                          f"directory")
+
+
+def check_folders_apart(args: argparse.Namespace) -> None:
+    """UsageError if an image folder is also --output_dir (the run's metrics.png would become a training image) or,
+    under --with_prior_preservation, the class folder is the instance folder (generated class images would)."""
+    folders = [("--instance_data_dir", args.instance_data_dir)]
+    if args.with_prior_preservation:
+        folders.append(("--class_data_dir", args.class_data_dir))
+    out = Path(args.output_dir).resolve()
+    for flag, folder in folders:
+        if Path(folder).resolve() == out:
+            raise UsageError(f"{flag} {folder!r} is --output_dir too: the run's plots would be read as training "
+                             f"images; write the run elsewhere")
+    if len(folders) == 2 and Path(folders[0][1]).resolve() == Path(folders[1][1]).resolve():
+        raise UsageError(f"--class_data_dir {args.class_data_dir!r} is --instance_data_dir too: generated class "
+                         f"images would be trained on as instance images; give them their own folder")
 
 
 def check_pretrained(path) -> dict:
@@ -520,17 +541,21 @@ def trainable_state(unet: torch.nn.Module) -> dict:
 
 
 def sigma_statistics(unet: torch.nn.Module) -> dict:
-    """mean / min / max of sigma over every Bayesian weight element (empty without Bayesian layers)."""
-    total, count, low, high = 0.0, 0, math.inf, -math.inf
+    """mean / min / max of sigma over every Bayesian weight element (empty without Bayesian layers), read from the
+    device once (not three syncs per layer each step)."""
+    per_layer, count = [], 0
     with torch.no_grad():
         for _, module in bayesian_modules(unet):
-            sigma = module.sigma.detach().float()
-            total += sigma.double().sum().item()
-            count += sigma.numel()
-            low, high = min(low, sigma.min().item()), max(high, sigma.max().item())
+            sigma = module.sigma.detach()
+            if sigma.numel():
+                per_layer.append(torch.stack([sigma.sum(dtype=torch.float64), sigma.min().double(),
+                                              sigma.max().double()]))
+                count += sigma.numel()
     if not count:
         return {}
-    return {"sigma_mean": total / count, "sigma_min": low, "sigma_max": high}
+    device = per_layer[0].device
+    sums, lows, highs = torch.stack([t.to(device) for t in per_layer]).cpu().unbind(1)
+    return {"sigma_mean": sums.sum().item() / count, "sigma_min": lows.min().item(), "sigma_max": highs.max().item()}
 
 
 @torch.no_grad()
@@ -677,30 +702,47 @@ def check_no_later_checkpoints(output_dir, resume_from: Optional[Path]) -> None:
 
 
 EARLIER_RUN_FILES = (CONFIG_FILE, "metrics.jsonl")  # what every run writes at its start
+RESULT_FILES = ("unet", "model_index.json", LORA_FILE)  # what a finished run (or another trainer's) leaves
+
+
+def resumes_in_place(output_dir: Path, resume_from: Optional[Path]) -> bool:
+    """Whether ``resume_from`` is a checkpoint of the run in ``output_dir`` (not one copied from elsewhere)."""
+    return resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
 
 
 def check_no_earlier_run(output_dir: Path, resume_from: Optional[Path], args: argparse.Namespace) -> None:
-    """UsageError if a fresh run would replace an earlier run's records and result in ``output_dir`` (a finished
-    run that kept no checkpoint, or one whose checkpoints were removed), unless --overwrite_output_dir or
-    --resume_from_checkpoint latest (which asks to start afresh where there is no checkpoint: a job requeued
-    before its first checkpoint; said with a warning)."""
-    found = [name for name in EARLIER_RUN_FILES if (output_dir / name).exists()]
-    if resume_from is not None or not found or args.overwrite_output_dir:
+    """UsageError if this run would replace the records or the result of another run in ``output_dir`` (a finished
+    run that kept no checkpoint, one whose checkpoints were removed, another trainer's output, or any run when the
+    checkpoint resumed comes from another folder), unless --overwrite_output_dir.  --resume_from_checkpoint
+    latest without a checkpoint starts afresh over an earlier run's records, with a warning (a job requeued before
+    its first checkpoint), but not over a finished run's result."""
+    if resumes_in_place(output_dir, resume_from) or args.overwrite_output_dir:
         return
-    if args.resume_from_checkpoint == "latest":
+    records = [name for name in EARLIER_RUN_FILES if (output_dir / name).exists()]
+    results = [name for name in RESULT_FILES if (output_dir / name).exists()]
+    if not records and not results:
+        return
+    if resume_from is None and args.resume_from_checkpoint == "latest" and not results:
         logger.warning("%s holds an earlier run's records (%s) but no checkpoint: --resume_from_checkpoint latest "
-                       "starts afresh and replaces them", output_dir, ", ".join(found))
+                       "starts afresh and replaces them", output_dir, ", ".join(records))
         return
-    raise UsageError(f"--output_dir {str(output_dir)!r} holds the records of an earlier run "
-                     f"({', '.join(found)}): choose another --output_dir, or pass --overwrite_output_dir to "
-                     f"replace that run's records and result")
+    what = "the result of an earlier run" if results else "the records of an earlier run"
+    hint = "resume into an empty --output_dir, " if resume_from is not None else ""
+    raise UsageError(f"--output_dir {str(output_dir)!r} holds {what} ({', '.join(records + results)}): {hint}"
+                     f"choose another --output_dir, or pass --overwrite_output_dir to replace that run's records "
+                     f"and result")
 
 
-def remove_earlier_records(output_dir: Path) -> None:
-    """A fresh run's start: the metrics and validation grids of an earlier run (--overwrite_output_dir) go, so that
-    none is mixed into this run's."""
-    for stale in [output_dir / "metrics.png", *sorted((output_dir / "validation").glob("step-*.png"))]:
-        stale.unlink(missing_ok=True)
+def remove_earlier_records(output_dir: Path, after_step: int = 0) -> None:
+    """The validation grids of the steps after ``after_step`` go, and at a fresh start (``after_step`` 0) the
+    metrics plot: an earlier run's (--overwrite_output_dir), or those a resumed run is about to redo, so that none
+    is mixed into this run's."""
+    stale = [path for path in sorted((output_dir / "validation").glob("step-*.png"))
+             if not path.stem[5:].isdigit() or int(path.stem[5:]) > after_step]
+    if after_step == 0:
+        stale.append(output_dir / "metrics.png")
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, limit: Optional[int]) -> Path:
@@ -1067,8 +1109,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         raise UsageError(f"--class_data_dir {args.class_data_dir!r} is not a directory")
     output_dir = Path(args.output_dir)
     _check_output_dir(output_dir, Path(args.pretrained_model_name_or_path))
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use bf16 on the CPU")
+    check_folders_apart(args)
     _adamw_class(args)
     resume_from = None
     if args.resume_from_checkpoint is not None:
@@ -1080,15 +1121,20 @@ def train(args: argparse.Namespace) -> TrainResult:
     # Accelerator() takes the precision from the flag or from accelerate launch's config (this variable); fp8
     # would need transformer-engine or MS-AMP there and has no autocast dtype here
     precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    source = "--mixed_precision" if args.mixed_precision else "the accelerate config"
     if precision not in PRECISIONS:
-        raise UsageError(f"mixed precision {precision!r} (from the accelerate config) is not supported: use no, "
-                         f"fp16 or bf16")
+        raise UsageError(f"mixed precision {precision!r} (from {source}) is not supported: use no, fp16 or bf16")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError(f"mixed precision fp16 (from {source}) needs a CUDA GPU; use bf16 on the CPU")
 
     # The prior means are buffers equal on every rank: DDP's default re-broadcast of all buffers each forward would
     # send a pretrained copy of every patched weight per step for nothing.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              project_config=ProjectConfiguration(project_dir=str(output_dir)),
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    try:
+        accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                                  project_config=ProjectConfiguration(project_dir=str(output_dir)),
+                                  kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    except ValueError as error:  # e.g. bf16 on a GPU without it
+        raise UsageError(f"accelerate: {error}") from None
     weight_dtype = PRECISIONS[accelerator.mixed_precision]
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1146,10 +1192,13 @@ def train(args: argparse.Namespace) -> TrainResult:
     config = _resume_config(args, accelerator.num_processes, base_fingerprint, images_fingerprint(instance_images),
                             images_fingerprint(class_images, sizes=False))
     global_step, data_seed = _start_or_resume(accelerator, args, resume_from, config, optimizer, lr_scheduler)
-    if global_step == 0 and accelerator.is_main_process:
-        remove_earlier_records(output_dir)
+    # a run resumed from another folder's checkpoint keeps none of this folder's records (its own are there)
+    in_place = resumes_in_place(output_dir, resume_from)
+    kept_step = global_step if in_place else 0
+    if accelerator.is_main_process:
+        remove_earlier_records(output_dir, kept_step)
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
-    metrics.start(global_step)
+    metrics.start(kept_step)
 
     accumulation = args.gradient_accumulation_steps
     stream = data_lib.BatchStream(len(dataset), args.train_batch_size, data_seed,
@@ -1165,8 +1214,9 @@ def train(args: argparse.Namespace) -> TrainResult:
                       "trainable_parameters": sum(t.numel() for t in trainable.values()),
                       "data_seed": data_seed, "num_processes": accelerator.num_processes, "checks": config}
         if resume_from is not None:
-            run_config.update(resumed_from=resume_from.name, resumed_at_step=global_step,
-                              earlier_runs=_earlier_runs(output_dir / CONFIG_FILE))
+            run_config.update(resumed_from=resume_from.name if in_place else str(resume_from.resolve()),
+                              resumed_at_step=global_step,
+                              earlier_runs=_earlier_runs(resume_from.parent / CONFIG_FILE))
         _write_json_atomic(run_config, output_dir / CONFIG_FILE)
     accelerator.print(
         f"finetune: method {args.method}, preset {args.preset}, {len(bayesian_layers)} Bayesian layers, "
@@ -1197,9 +1247,10 @@ def train(args: argparse.Namespace) -> TrainResult:
         grad_norm = None
         if args.max_grad_norm > 0:
             norm = accelerator.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], args.max_grad_norm)
-            grad_norm = float(norm) if norm is not None else None
+            grad_norm = float(norm) if norm is not None and math.isfinite(float(norm)) else None  # JSON: no inf
         learning_rate_now = lr_scheduler.get_last_lr()[0]  # the rate this step trains at
         optimizer.step()
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))  # fp16: the scaler found inf/NaN gradients
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         global_step = step
@@ -1209,7 +1260,8 @@ def train(args: argparse.Namespace) -> TrainResult:
                   "loss": totals["loss"], "mse": totals["mse"],
                   "prior_mse": totals["prior_mse"] if class_embedding is not None else None,
                   "kl": totals["kl"] if bayesian_layers else None, "kl_weight": args.kl_weight,
-                  "lr": learning_rate_now, "grad_norm": grad_norm, **sigma_statistics(base_unet)}
+                  "lr": learning_rate_now, "grad_norm": grad_norm, "skipped": skipped,
+                  **sigma_statistics(base_unet)}
         metrics.append(record)
         progress.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "kl", "sigma_mean")
                               if record.get(k) is not None})

@@ -98,6 +98,7 @@ def _assert_records(records, steps, bayesian=True) -> None:
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     for record in records:
         assert all(isinstance(record[k], float) and record[k] == record[k] for k in ("loss", "mse", "lr"))
+        assert record["skipped"] is False  # float32 / bfloat16: no gradient scaler to skip a step
         if bayesian:
             assert record["kl"] >= 0 and 0 < record["sigma_min"] <= record["sigma_mean"] <= record["sigma_max"]
         else:
@@ -194,6 +195,8 @@ def test_resume_continues_the_same_loss_curve(full_run, tiny_sd, tmp_path):
     assert config["args"]["pretrained_model_name_or_path"] == str(moved[0])
     assert config["checks"]["base_unet"] == config["earlier_runs"][0]["checks"]["base_unet"]
     assert [r["step"] for r in got] == [1, 2, 3, 4]
+    # the interrupted run's grid after the checkpoint went (this resume writes none)
+    assert sorted(path.name for path in (resumed / "validation").iterdir()) == ["step-000002.png"]
     for want, have in zip(expected, got):
         for key in RECORD_KEYS:
             assert have[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (have["step"], key)
@@ -430,19 +433,56 @@ def test_a_fresh_run_does_not_silently_replace_an_earlier_run(tiny_sd, tmp_path)
     grids = ("--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_inference_steps", "1")
     _run(tiny_sd, out, "--checkpointing_steps", "100", *grids)
     assert [r["step"] for r in _records(out)] == [1, 2] and (out / "validation" / "step-000002.png").exists()
-    with pytest.raises(SystemExit, match=r"holds the records of an earlier run \(training_config.json, "
-                                         r"metrics.jsonl\): .*--overwrite_output_dir"):
-        trainer.main(_argv(tiny_sd, out, "--max_train_steps", "1"))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    finished = r"holds the result of an earlier run \(training_config.json, metrics.jsonl, unet, model_index.json\)"
+    for latest in ((), ("--resume_from_checkpoint", "latest")):  # latest finds no checkpoint: a fresh run too
+        with pytest.raises(SystemExit, match=finished + ": choose another --output_dir, or pass "
+                                                        "--overwrite_output_dir"):
+            trainer.main(_argv(tiny_sd, out, "--max_train_steps", "1", *latest))
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert [r["step"] for r in _records(out)] == [1, 2]
     _run(tiny_sd, out, "--max_train_steps", "1", "--checkpointing_steps", "100", "--overwrite_output_dir", *grids)
     assert [r["step"] for r in _records(out)] == [1]
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000001.png"]
-    # --resume_from_checkpoint latest with no checkpoint to resume asks to start afresh (a job requeued before
-    # its first checkpoint): it does, with a warning
+    # the records of a run killed before its first checkpoint (no result yet): --resume_from_checkpoint latest
+    # with no checkpoint to resume asks to start afresh (a job requeued): it does, with a warning; a plain run
+    # is refused
+    for part in (*trainer.PIPELINE_PARTS, "model_index.json"):
+        shutil.rmtree(out / part) if (out / part).is_dir() else (out / part).unlink()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(SystemExit, match=r"holds the records of an earlier run \(training_config.json, "
+                                         r"metrics.jsonl\): choose another"):
+        trainer.main(_argv(tiny_sd, out, "--max_train_steps", "1"))
     AcceleratorState._reset_state(reset_partial_state=True)
     _run(tiny_sd, out, "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest")
     assert [r["step"] for r in _records(out)] == [1, 2]
+
+
+def test_another_trainers_result_or_a_run_resumed_from_elsewhere_does_not_write_over_a_folder(full_run, tiny_sd,
+                                                                                             tmp_path):
+    """A folder holding another trainer's result (say diffusers' DreamBooth unet/) is refused, and so is a resume
+    from a checkpoint in another folder into one with records; with --overwrite_output_dir that resume keeps none
+    of the folder's records and records the checkpoint's own run."""
+    output_dir, _ = full_run
+    other = tmp_path / "diffusers-run"
+    (other / "unet").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"holds the result of an earlier run \(unet\)"):
+        trainer.main(_argv(tiny_sd, other))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": -1.0}) + "\n")
+    flags = ("--max_train_steps", "3", "--method", "full", "--preset", "paper-dreambooth", "--kl_weight", "1e-3",
+             "--cep", "gaussian", "--learning_rate", "1e-3", "--resume_from_checkpoint",
+             str(output_dir / "checkpoint-2"))
+    with pytest.raises(SystemExit, match=r"holds the records of an earlier run \(metrics.jsonl\): resume into an "
+                                         r"empty --output_dir"):
+        trainer.main(_argv(tiny_sd, target, *flags))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    _run(tiny_sd, target, *flags, "--overwrite_output_dir")
+    assert [r["step"] for r in _records(target)] == [3]
+    config = json.loads((target / "training_config.json").read_text())
+    assert config["resumed_from"] == str((output_dir / "checkpoint-2").resolve())
+    assert [run["args"]["output_dir"] for run in config["earlier_runs"]] == [str(output_dir)]
 
 
 def test_an_fp8_accelerate_config_is_refused_in_one_line(tiny_sd, tmp_path, monkeypatch):
@@ -491,6 +531,9 @@ def test_clear_errors(tiny_sd, tmp_path, capsys):
         (["--pretrained_model_name_or_path", str(model / "unet" / "config.json")], r"is not a directory"),
         (["--use_8bit_adam"], r"--use_8bit_adam needs the bitsandbytes package"),
         (["--resolution", "15"], r"--resolution 15 must be a multiple"),
+        (["--output_dir", str(images)], r"--instance_data_dir .* is --output_dir too: the run's plots would be read"),
+        (["--with_prior_preservation", "--class_data_dir", str(images), "--class_prompt", "a dog",
+          "--num_class_images", "2"], r"--class_data_dir .* is --instance_data_dir too"),
     ]
     if _installed("bitsandbytes"):
         cases = [c for c in cases if "8bit" not in c[0][0]]
@@ -501,7 +544,8 @@ def test_clear_errors(tiny_sd, tmp_path, capsys):
     usage = [["--method", "lora", "--preset", "paper-dreambooth"], ["--preset", "none", "--kl_weight", "1"],
              ["--with_prior_preservation"], ["--max_train_steps", "0"], ["--cep_gamma", "-1"],
              ["--method", "lora", "--prior_dtype", "bf16"], ["--preset", "none", "--prior_dtype", "fp16"],
-             ["--adam_beta1", "1.5"], ["--adam_epsilon", "-1"], ["--seed", "-1"], ["--seed", str(2**32)]]
+             ["--adam_beta1", "1.5"], ["--adam_epsilon", "-1"], ["--seed", "-1"], ["--seed", str(2**32)],
+             ["--lr_num_cycles", "0"], ["--validation_prompt", " "]]
     for extra in usage:
         with pytest.raises(SystemExit) as exit_info:
             trainer.main(_argv(tiny_sd, tmp_path / "out", *extra))
@@ -534,6 +578,12 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(full_run, tiny_sd,
     shutil.copytree(output_dir / "checkpoint-2", other / "checkpoint-2")
     with pytest.raises(SystemExit, match=r"was written with other settings: preset 'paper-dreambooth' \(now 'none'\)"):
         trainer.main(_argv(tiny_sd, other, "--preset", "none", "--resume_from_checkpoint", "latest"))
+    # another objective: the prompt, the KL weight and the prior
+    with pytest.raises(SystemExit, match=r"other settings: instance_prompt .*, prior_sigma 0.01 \(now 0.1\), "
+                                         r"kl_weight 0.001 \(now 0.01\)"):
+        trainer.main(_argv(tiny_sd, other, "--method", "full", "--preset", "paper-dreambooth", "--kl_weight", "1e-2",
+                           "--cep", "gaussian", "--prior_sigma", "0.1", "--instance_prompt", "a photo of a cat",
+                           "--resume_from_checkpoint", "latest"))
     with pytest.raises(SystemExit, match=r"is not a checkpoint of this trainer"):
         trainer.main(_argv(tiny_sd, other, "--resume_from_checkpoint", str(tmp_path)))
 
@@ -545,7 +595,8 @@ def test_resume_refuses_another_base_model_or_other_images(full_run, tiny_sd, tm
     output_dir, _ = full_run
     other = tmp_path / "out"
     shutil.copytree(output_dir / "checkpoint-2", other / "checkpoint-2")
-    flags = ("--method", "full", "--preset", "paper-dreambooth", "--resume_from_checkpoint", "latest")
+    flags = ("--method", "full", "--preset", "paper-dreambooth", "--kl_weight", "1e-3", "--cep", "gaussian",
+             "--resume_from_checkpoint", "latest")  # the full run's objective
     retrained = tiny_pipeline.write_tiny_pipeline(tmp_path / "other-model", seed=1)
     with pytest.raises(SystemExit, match=r"other settings: base_unet 'weights [0-9a-f]{16}' \(now 'weights "):
         trainer.main(_argv((retrained, tiny_sd[1]), other, *flags))
@@ -572,6 +623,19 @@ def test_resume_refuses_another_base_model_or_other_images(full_run, tiny_sd, tm
     with caplog.at_level(logging.WARNING, logger=trainer.__name__):
         assert trainer.main(_argv((retrained, more), other, *flags)) == 0  # step 2 of 2: nothing left to train
     assert "does not record base_unet, instance_images, class_images: not checked" in caplog.text
+
+
+def test_sigma_statistics_are_those_of_every_bayesian_weight_element():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    bd.patch(model, "all-linear", targets=["0", "1"], sigma_param="softplus")
+    with torch.no_grad():
+        for module in (model[0], model[1]):
+            module.weight_rho.uniform_(-6.0, 1.0)
+    sigmas = torch.cat([model[0].sigma.flatten(), model[1].sigma.flatten()]).double()
+    stats = trainer.sigma_statistics(model)
+    assert stats["sigma_mean"] == pytest.approx(sigmas.mean().item(), rel=1e-12)
+    assert (stats["sigma_min"], stats["sigma_max"]) == (sigmas.min().item(), sigmas.max().item())
+    assert trainer.sigma_statistics(torch.nn.Linear(2, 2)) == {}
 
 
 def test_images_fingerprint_counts_names_and_sizes_or_names_only(tmp_path):
