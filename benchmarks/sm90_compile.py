@@ -11,10 +11,12 @@ against what one block may use on that GPU.
 Each launcher of the triton backend is called on CPU tensors inside ``bnn_kernels.triton.aot.capture``: its kernel
 launches compile (nothing runs; the outputs stay unwritten) with the signature, constexprs and alignment a launch
 of the same arguments on a GPU would get.  Spills are ptxas's "bytes spill stores/loads"; a stack frame without
-them is libdevice's sin/cos slow path, which Box-Muller never takes (bnn_kernels/triton/aot.py).  Compile seconds
-are near 0 where Triton's cache (~/.triton/cache) already held the kernel.  The sizes are SD 1.5-like multiples of 16 (the alignment-specialised
-code the UNet runs); they do not change the code otherwise.  Prints one row per compiled kernel and config, and a
-summary per kernel; ``--json`` writes every record with the Triton version.
+them is libdevice's sin/cos slow path, which Box-Muller never takes (bnn_kernels/triton/aot.py).  Tensor-core
+instructions are counted in the PTX; ``--check-sass`` also counts them in the SASS (``cuobjdump``, slower) into
+each record's ``sass_tensor_core_instructions``.  Compile seconds are near 0 where Triton's cache (~/.triton/cache)
+already held the kernel.  The sizes are SD 1.5-like multiples of 16 (the alignment-specialised code the UNet runs);
+they do not change the code otherwise.  Prints one row per compiled kernel and config, and a summary per kernel;
+``--json`` writes every record with the Triton version.
 """
 from __future__ import annotations
 
@@ -137,9 +139,10 @@ def cases(dtypes: List[str], flag_sets=FLAG_SETS, lora_ranks=(4,), variants="eve
 
 
 def compile_all(dtypes: List[str], configs: str, arch: int, flag_sets=FLAG_SETS, lora_ranks=(4,),
-                case_pattern: str = "", variants: str = "every", lora_base: str = "same") -> List[dict]:
+                case_pattern: str = "", variants: str = "every", lora_base: str = "same",
+                check_sass: bool = False) -> List[dict]:
     """Run every case (those whose label matches ``case_pattern``, a regular expression) inside ``aot.capture``; one
-    record per compiled (kernel, specialisation, config)."""
+    record per compiled (kernel, specialisation, config), with the SASS's tensor-core count too if ``check_sass``."""
     records, seen = [], set()
     variant_envs = (backend.linear.REPARAM_ENV, backend.linear.LRT_ENV)
     saved = {env: os.environ.get(env) for env in variant_envs}
@@ -157,6 +160,8 @@ def compile_all(dtypes: List[str], configs: str, arch: int, flag_sets=FLAG_SETS,
                 seen.add(key)
                 record = {"case": case.label, **launch.resources().summary()}
                 record["fits_shared_memory"] = record["shared_bytes"] <= aot.SHARED_MEMORY_PER_BLOCK[arch]
+                if check_sass:
+                    record["sass_tensor_core_instructions"] = launch.sass_tensor_core_count()
                 records.append(record)
     finally:
         for env, value in saved.items():
@@ -235,6 +240,9 @@ def main(argv=None) -> dict:
                              "under 16-bit x)")
     parser.add_argument("--fused-max-rank", type=int, default=None,
                         help="what-if: fuse the LoRA kernels up to this padded rank instead of FUSED_MAX_RANK")
+    parser.add_argument("--check-sass", action="store_true",
+                        help="also count each kernel's tensor-core instructions in its SASS (cuobjdump), not only in "
+                             "its PTX")
     parser.add_argument("--json", default=None, help="write every record here")
     args = parser.parse_args(argv)
     os.environ[backend.lora.LORA_ENV] = args.lora_variant
@@ -242,7 +250,7 @@ def main(argv=None) -> dict:
         backend.lora.FUSED_MAX_RANK = args.fused_max_rank
     flag_sets = FLAG_SETS if args.flag_sets == "all" else FLAG_SETS[:1]
     records = compile_all(args.dtypes, args.configs, args.arch, flag_sets, tuple(args.lora_ranks), args.cases,
-                          args.variants, args.lora_base_dtype)
+                          args.variants, args.lora_base_dtype, args.check_sass)
     print_table(records)
     summary = kernel_summary(records)
     limit = aot.SHARED_MEMORY_PER_BLOCK[args.arch]
@@ -260,7 +268,7 @@ def main(argv=None) -> dict:
               "settings": {"configs": args.configs, "dtypes": args.dtypes, "flag_sets": args.flag_sets,
                            "lora_ranks": args.lora_ranks, "cases": args.cases, "variants": args.variants,
                            "lora_variant": args.lora_variant, "lora_base_dtype": args.lora_base_dtype,
-                           "fused_max_rank": backend.lora.FUSED_MAX_RANK},
+                           "fused_max_rank": backend.lora.FUSED_MAX_RANK, "check_sass": args.check_sass},
               "kernels": summary, "records": records}
     if args.json:
         with open(args.json, "w") as handle:

@@ -7,11 +7,13 @@ do not fit, tl.dot shapes below 16 only show when ptxas runs, and a config that 
 GPU gives a block only fails at launch.  ``benchmarks/sm90_compile.py`` calls every launcher of the backend inside
 ``bnn_kernels.triton.aot.capture`` (first autotune config) in a fresh process without TRITON_INTERPRET: for sm_90
 in every dtype (both flag sets in bfloat16, the paper presets' in the others); for sm_86, whose 99 KiB per block
-is the least of the GPUs the fused kernels run on (RTX 40xx and 50xx have the same), in every dtype with the paper
-presets' flags (their prior-mean tile makes them the larger kernels) and the LoRA kernels at rank 4 and at the
-largest fused rank; for sm_120 the 16-bit dtypes likewise; for sm_75 the variants the library picks there, in
-float16 and float32.  The first config is what a run with BNN_TRITON_AUTOTUNE=0 launches, and what guarantees the
-autotuner, which drops the configs that do not fit, one config to keep.
+is the least of the GPUs the fused kernels run on (RTX 40xx and 50xx have the same), in float32 (the largest tiles)
+and float16 with the paper presets' flags (their prior-mean tile makes them the larger kernels) and the LoRA kernels
+at rank 4 and at the largest fused rank, and the LoRA kernels in bfloat16 over a float32 frozen weight; for sm_120
+bfloat16 likewise; for sm_75 the variants the library picks there, in float16 and float32.  So each 16-bit dtype
+goes through mma.sync once: bfloat16 and float16 kernels take the same shared memory (all 37 pairs alike on sm_86
+and on sm_120 when both were compiled, Triton 3.9).  The first config is what a run with BNN_TRITON_AUTOTUNE=0
+launches, and what guarantees the autotuner, which drops the configs that do not fit, one config to keep.
 """
 from __future__ import annotations
 
@@ -34,14 +36,14 @@ KERNEL_MODULES = ("conv", "kl", "linear", "lora", "philox", "sample")
 FUSED_MAX_RANK = importlib.import_module("bnn_kernels.triton.lora").FUSED_MAX_RANK
 RUNS = (
     (90, ["--dtypes", "bfloat16", "--flag-sets", "all"]),
-    (90, ["--dtypes", "float32", "float16", "--flag-sets", "paper"]),
-    (86, ["--dtypes", "float32", "bfloat16", "float16", "--flag-sets", "paper",
-          "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
+    (90, ["--dtypes", "float32", "float16", "--flag-sets", "paper", "--check-sass"]),
+    # float32: the largest tiles; float16's mma.sync (bfloat16's, with the same bytes, is compiled for sm_120)
+    (86, ["--dtypes", "float32", "float16", "--flag-sets", "paper", "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
     # a float32 frozen weight under bfloat16 x: twice the weight tile's bytes
     (86, ["--dtypes", "bfloat16", "--flag-sets", "paper", "--cases", "^lora", "--lora-base-dtype", "float32",
-          "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
+          "--lora-ranks", "4", str(FUSED_MAX_RANK), "--check-sass"]),
     # RTX 50xx (consumer Blackwell): mma.sync, not Hopper's wgmma, and 99 KiB per block
-    (120, ["--dtypes", "bfloat16", "float16", "--flag-sets", "paper", "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
+    (120, ["--dtypes", "bfloat16", "--flag-sets", "paper", "--lora-ranks", "4", str(FUSED_MAX_RANK)]),
     # T4 / RTX 20xx: what the library launches there (its tl.dot has no tensor cores: the GEMMs go to cuBLAS)
     (75, ["--variants", "auto", "--dtypes", "float16", "float32", "--flag-sets", "paper"]),
 )
@@ -153,6 +155,18 @@ def test_16_bit_gemms_use_tensor_cores(compiled):
     assert gemms == {r["kernel"] for r in low_precision}
     for record in low_precision:
         assert record["tensor_core_instructions"] > 0, record
+
+
+def test_the_ptx_count_of_tensor_core_instructions_is_the_sass_count(compiled):
+    """The PTX's mma.sync / wgmma.mma_async, counted for every record, against the HMMA / HGMMA of the cubin's
+    SASS on the runs that ask cuobjdump too (a Hopper run and an mma.sync run, GEMM and elementwise kernels)."""
+    results, _ = compiled
+    checked = [r for result in results if result["settings"]["check_sass"] for r in result["records"]]
+    assert {r["kernel"] for r in checked if r["sass_tensor_core_instructions"]} >= {"_reparam_fwd_kernel",
+                                                                                       "_lora_fwd_kernel"}
+    differ = [(r["kernel"], r["case"], r["tensor_core_instructions"], r["sass_tensor_core_instructions"])
+              for r in checked if r["tensor_core_instructions"] != r["sass_tensor_core_instructions"]]
+    assert not differ, differ
 
 
 def test_the_aot_capture_refuses_the_interpreter():
