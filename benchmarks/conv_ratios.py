@@ -4,8 +4,8 @@
     python benchmarks/conv_ratios.py --json out.json      # on a GPU: Triton + cuDNN, SD1.5 resnet shapes, bfloat16
 
 A 3x3, stride 1, padding 1 conv, C_in = C_out, float32 parameters.  Each variant is timed as the median of
-``--repeats`` steps after warm-up (CUDA events on a GPU, perf_counter on CPU), interleaved round-robin
-(ratios.time_variants).
+``--repeats`` samples after warm-up (on a GPU a burst of steps queued back to back between CUDA events, on CPU one
+step), interleaved round-robin (ratios.time_variants).
 """
 from __future__ import annotations
 

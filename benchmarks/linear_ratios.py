@@ -3,8 +3,9 @@
     python benchmarks/linear_ratios.py                      # CPU: the C++ backend, small shapes, float32
     python benchmarks/linear_ratios.py --json out.json      # on a GPU: Triton, SD1.5 shapes, bfloat16
 
-Each variant is timed as the median of ``--repeats`` steps after warm-up (CUDA events on a GPU,
-perf_counter on CPU), interleaved round-robin so that clock drift hits every variant alike (ratios.py).
+Each variant is timed as the median of ``--repeats`` samples after warm-up (on a GPU a burst of steps queued back
+to back between CUDA events, on CPU one step), interleaved round-robin so that clock drift hits every variant alike
+(ratios.time_variants).
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ paper-style Bayesian LoRA (B materialised), all on the same frozen base.
     python benchmarks/lora_ratios.py                      # CPU: the C++ backend, small shapes, float32
     python benchmarks/lora_ratios.py --json out.json      # on a GPU: Triton, SD1.5 attention shapes, bfloat16
 
-Rank 4, B Bayesian, float32 factors.  Each variant is timed as the median of ``--repeats`` steps after warm-up
-(CUDA events on a GPU, perf_counter on CPU), interleaved round-robin (ratios.time_variants).
+Rank 4, B Bayesian, float32 factors.  Each variant is timed as the median of ``--repeats`` samples after warm-up
+(on a GPU a burst of steps queued back to back between CUDA events, on CPU one step), interleaved round-robin
+(ratios.time_variants).
 """
 from __future__ import annotations
 

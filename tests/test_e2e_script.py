@@ -187,3 +187,11 @@ def test_paper_patch_keeps_a_frozen_copy_and_computes_the_reverse_kl():
     assert model[2].weight_mu.grad is not None and model[2].weight_sigma.grad is not None
     with pytest.raises(TypeError, match="names"):
         paper_bayes.patch(model, ["1"])
+
+
+@pytest.mark.parametrize("adamw", ["default", "fused", "foreach", "for-loop"])
+def test_the_library_warm_up_runs_with_every_adamw(adamw):
+    """warm_up_libraries (run on a GPU before the first measured run) with every --adamw, here on CPU tensors."""
+    import e2e_unet
+
+    e2e_unet.warm_up_libraries(torch.device("cpu"), adamw)
