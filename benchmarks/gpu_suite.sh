@@ -68,9 +68,9 @@ reserved_after() {
 }
 
 # stage NAME CAP_SECONDS COMMAND...: run COMMAND under min(CAP, budget left - floors of later stages), stopped
-# with $stage_signal (default TERM) at its limit; record "name rc seconds cubins" (the cubins the stage added to
-# Triton's cache: compiles that no warmer did beforehand)
-triton_cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+# with $stage_signal (default TERM) at its limit; record "name rc seconds cubins" (the cubins added to Triton's
+# cache while it ran: compiles no warmer had done beforehand; for kernel-tests, the warmers' own as well)
+triton_cache=${TRITON_CACHE_DIR:-${HOME:-/root}/.triton/cache}
 cubins() { find "$triton_cache" -name '*.cubin' 2>/dev/null | wc -l; }
 stage() {
   local name=$1 cap=$2

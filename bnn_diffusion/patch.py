@@ -307,11 +307,12 @@ def patch(model: nn.Module, preset: Union[str, Preset] = "paper-dreambooth", *, 
 
     The returned names are where the Bayesian modules now sit (``model.get_submodule(name)``): for a layer wrapped
     by PEFT that is ``<wrapper>.base_layer``.  A model wrapped by torch.compile or DataParallel is patched inside
-    the wrapper, with the names of the model inside (``unwrapped``); one wrapped by DistributedDataParallel is
-    refused (TypeError): DDP averages the gradients of the parameters it was built with, which would leave out
-    every Bayesian one, so patch first and wrap after.  A subclass of ``nn.Linear`` / ``nn.Conv2d`` with
-    submodules or its own ``forward`` (which a Bayesian layer would drop) is refused (ValueError), except
-    diffusers' ``LoRACompatible*`` layers without a LoRA layer, which compute the plain function.
+    the wrapper, with the names of the model inside (``unwrapped``); one passed wrapped by DistributedDataParallel
+    is refused (TypeError): DDP averages the gradients of the parameters it was built with, which would leave out
+    every Bayesian one, so patch first and wrap after (the module inside a DDP, passed alone, is not detected).
+    A subclass of ``nn.Linear`` / ``nn.Conv2d`` with submodules or its own ``forward`` (which a Bayesian layer would
+    drop) is refused (ValueError), except diffusers' ``LoRACompatible*`` layers without a LoRA layer, which compute
+    the plain function.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -435,11 +436,11 @@ def merge(model: nn.Module) -> list:
     names replaced.  Full-rank layers: the mean and bias (sharing their storage, no copy);
     LoRA layers: the base weight + scale * B @ A with the factors' means (a new tensor).  The merged model has the
     parameters and outputs of an unpatched model with those weights: zero inference cost.  The priors and sigmas
-    are dropped.  Parameters that ``patch`` froze get ``requires_grad=True`` back, as with ``unpatch``; the merged
-    layers keep the posterior mean's flags (LoRA layers: frozen, as their base was)."""
-    merged = _replace_all(model, lambda module: module.to_plain())
-    _unfreeze_others(model)
-    return merged
+    are dropped.  What ``patch(freeze_others=True)`` froze stays frozen, so the merged layers train alone as the
+    Bayesian ones did (a plain fine-tune of the same layer set: patch, then merge); ``unpatch`` afterwards gives
+    those parameters their gradients back.  The merged layers keep the posterior mean's flags (LoRA layers:
+    frozen, as their base was)."""
+    return _replace_all(model, lambda module: module.to_plain())
 
 
 def unpatch(model: nn.Module) -> list:

@@ -319,16 +319,17 @@ def _check_output_dir(output_dir: Path, pretrained: Path) -> None:
 
 
 def check_folders_apart(args: argparse.Namespace) -> None:
-    """UsageError if an image folder is also --output_dir (the run's metrics.png would become a training image) or,
-    under --with_prior_preservation, the class folder is the instance folder (generated class images would)."""
+    """UsageError if an image folder is also --output_dir or its validation/ (the run's metrics.png or grids would
+    become training images) or, under --with_prior_preservation, the class folder is the instance folder
+    (generated class images would)."""
     folders = [("--instance_data_dir", args.instance_data_dir)]
     if args.with_prior_preservation:
         folders.append(("--class_data_dir", args.class_data_dir))
     out = Path(args.output_dir).resolve()
     for flag, folder in folders:
-        if Path(folder).resolve() == out:
-            raise UsageError(f"{flag} {folder!r} is --output_dir too: the run's plots would be read as training "
-                             f"images; write the run elsewhere")
+        if Path(folder).resolve() in (out, out / "validation"):
+            raise UsageError(f"{flag} {folder!r} is --output_dir or its validation folder: the run's plots or "
+                             f"grids would be read as training images; write the run elsewhere")
     if len(folders) == 2 and Path(folders[0][1]).resolve() == Path(folders[1][1]).resolve():
         raise UsageError(f"--class_data_dir {args.class_data_dir!r} is --instance_data_dir too: generated class "
                          f"images would be trained on as instance images; give them their own folder")
@@ -707,7 +708,8 @@ RESULT_FILES = ("unet", "model_index.json", LORA_FILE)  # what a finished run (o
 
 def resumes_in_place(output_dir: Path, resume_from: Optional[Path]) -> bool:
     """Whether ``resume_from`` is a checkpoint of the run in ``output_dir`` (not one copied from elsewhere)."""
-    return resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
+    # the folder it sits in, not where a checkpoint-N symlink points
+    return resume_from is not None and Path(os.path.abspath(resume_from)).parent.resolve() == output_dir.resolve()
 
 
 def check_no_earlier_run(output_dir: Path, resume_from: Optional[Path], args: argparse.Namespace) -> None:
@@ -735,12 +737,18 @@ def check_no_earlier_run(output_dir: Path, resume_from: Optional[Path], args: ar
 
 def remove_earlier_records(output_dir: Path, after_step: int = 0) -> None:
     """The validation grids of the steps after ``after_step`` go, and at a fresh start (``after_step`` 0) the
-    metrics plot: an earlier run's (--overwrite_output_dir), or those a resumed run is about to redo, so that none
-    is mixed into this run's."""
+    metrics plot and an earlier result (--overwrite_output_dir: the LoRA file, or unet/, the pipeline's other parts
+    and model_index.json): an earlier run's, or those a resumed run is about to redo, so that none is mixed into
+    this run's."""
     stale = [path for path in sorted((output_dir / "validation").glob("step-*.png"))
              if not path.stem[5:].isdigit() or int(path.stem[5:]) > after_step]
     if after_step == 0:
         stale.append(output_dir / "metrics.png")
+        for name in (*RESULT_FILES, *PIPELINE_PARTS):
+            if (output_dir / name).is_dir() and not (output_dir / name).is_symlink():
+                shutil.rmtree(output_dir / name)
+            else:
+                stale.append(output_dir / name)
     for path in stale:
         path.unlink(missing_ok=True)
 

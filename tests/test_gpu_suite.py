@@ -22,7 +22,9 @@ STAGES = ["build", "kernel-tests", "linear-ratios", "lora-ratios", "conv-ratios"
 
 def run_suite(out, **settings):
     # no carried wheels: a .whl/ in the checkout would put its diffusers ahead of what a test gives
-    env = {**os.environ, "PYTHON": sys.executable, "SUITE_WHEELS": str(out / "no-wheels"), **settings}
+    # a Triton cache of its own: new_cubins counts only this suite's compiles, not a parallel pass's
+    env = {**os.environ, "PYTHON": sys.executable, "SUITE_WHEELS": str(out / "no-wheels"),
+           "TRITON_CACHE_DIR": str(out / "triton-cache"), **settings}
     done = subprocess.run(["bash", str(SUITE), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     summary = json.loads((out / "summary.json").read_text())

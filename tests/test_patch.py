@@ -1033,14 +1033,17 @@ def test_float8_weights_are_refused_before_any_layer_is_replaced():
 
 
 @pytest.mark.parametrize("preset", ["paper-dreambooth", "paper-lora"])
-def test_merge_gives_back_the_gradients_patch_froze(preset):
+def test_merge_keeps_what_patch_froze_and_unpatch_gives_it_back(preset):
+    """patch then merge is a plain fine-tune of the patched layer set (the study's baseline): only the merged
+    full-rank layers train; a later unpatch gives every other parameter its gradient back."""
     model, _ = build("unet")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     names = bd.patch(model, preset)
     bd.merge(model)
-    merged_layers = {n for n, _ in model.named_parameters() if any(n.startswith(name + ".") for name in names)}
+    in_merged = lambda n: any(n.startswith(name + ".") for name in names)
     now = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert now - merged_layers == trainable - merged_layers  # every other parameter trains again
-    assert "_bnn_frozen_parameters" not in model.__dict__
-    lora_frozen = {n for n in merged_layers if n not in now}
-    assert bool(lora_frozen) == (preset == "paper-lora")  # a merged LoRA layer stays frozen, as its base was
+    assert all(in_merged(n) for n in now)
+    assert bool(now) == (preset == "paper-dreambooth")  # a merged LoRA layer stays frozen, as its base was
+    assert bd.unpatch(model) == []
+    assert {n for n, p in model.named_parameters() if p.requires_grad and not in_merged(n)} == {
+        n for n in trainable if not in_merged(n)}

@@ -478,8 +478,10 @@ def test_another_trainers_result_or_a_run_resumed_from_elsewhere_does_not_write_
                                          r"empty --output_dir"):
         trainer.main(_argv(tiny_sd, target, *flags))
     AcceleratorState._reset_state(reset_partial_state=True)
+    (target / trainer.LORA_FILE).write_bytes(b"a LoRA run's result")  # another kind of result: replaced too
     _run(tiny_sd, target, *flags, "--overwrite_output_dir")
     assert [r["step"] for r in _records(target)] == [3]
+    assert not (target / trainer.LORA_FILE).exists() and (target / "unet").is_dir()
     config = json.loads((target / "training_config.json").read_text())
     assert config["resumed_from"] == str((output_dir / "checkpoint-2").resolve())
     assert [run["args"]["output_dir"] for run in config["earlier_runs"]] == [str(output_dir)]
@@ -518,6 +520,7 @@ def test_clear_errors(tiny_sd, tmp_path, capsys):
     (inpainting / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
     a_file = tmp_path / "a-file"
     a_file.write_text("")
+    as_grids = shutil.copytree(images, tmp_path / "run" / "validation")
     cases = [
         (["--instance_data_dir", str(truncated)], rf"--instance_data_dir: .*{photo.name}' is not a readable image"),
         (["--pretrained_model_name_or_path", str(inpainting)], r"the UNet takes 9 input channels but the VAE makes 4"),
@@ -531,7 +534,9 @@ def test_clear_errors(tiny_sd, tmp_path, capsys):
         (["--pretrained_model_name_or_path", str(model / "unet" / "config.json")], r"is not a directory"),
         (["--use_8bit_adam"], r"--use_8bit_adam needs the bitsandbytes package"),
         (["--resolution", "15"], r"--resolution 15 must be a multiple"),
-        (["--output_dir", str(images)], r"--instance_data_dir .* is --output_dir too: the run's plots would be read"),
+        (["--output_dir", str(images)], r"--instance_data_dir .* is --output_dir or its validation folder"),
+        (["--instance_data_dir", str(as_grids), "--output_dir", str(as_grids.parent)],
+         r"--instance_data_dir .*validation' is --output_dir or its validation folder"),
         (["--with_prior_preservation", "--class_data_dir", str(images), "--class_prompt", "a dog",
           "--num_class_images", "2"], r"--class_data_dir .* is --instance_data_dir too"),
     ]

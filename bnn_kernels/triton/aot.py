@@ -51,8 +51,10 @@ _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "b
 # config, but a kernel run with a single config (BNN_TRITON_AUTOTUNE=0) fails.
 SHARED_MEMORY_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
                            90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
-_SASS_TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA)(\.\w+)*\b")
-_PTX_TENSOR_CORE = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:mma\.sync|wgmma\.mma_async|tcgen05\.mma)\b", re.MULTILINE)
+_SASS_TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA|UTC\w*MMA)(\.\w+)*\b")  # UTC*MMA: Blackwell's tcgen05
+# an instruction at the start of a line, after an opening brace or a predicate (%p1, !%p1, an inline-asm p)
+_PTX_TENSOR_CORE = re.compile(r"^\s*(?:\{\s*)?(?:@!?%?\w+\s+)?(?:mma(?:\.sp)?\.sync|wgmma\.mma_async|tcgen05\.mma)\b",
+                              re.MULTILINE)
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
