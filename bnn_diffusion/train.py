@@ -703,7 +703,8 @@ def check_no_later_checkpoints(output_dir, resume_from: Optional[Path]) -> None:
 
 
 EARLIER_RUN_FILES = (CONFIG_FILE, "metrics.jsonl")  # what every run writes at its start
-RESULT_FILES = ("unet", "model_index.json", LORA_FILE)  # what a finished run (or another trainer's) leaves
+# what a finished run (or another trainer's) leaves: unet/ and the pipeline's other parts, or the LoRA file
+RESULT_FILES = ("unet", "model_index.json", LORA_FILE, *PIPELINE_PARTS[1:])
 
 
 def resumes_in_place(output_dir: Path, resume_from: Optional[Path]) -> bool:
@@ -744,7 +745,7 @@ def remove_earlier_records(output_dir: Path, after_step: int = 0) -> None:
              if not path.stem[5:].isdigit() or int(path.stem[5:]) > after_step]
     if after_step == 0:
         stale.append(output_dir / "metrics.png")
-        for name in (*RESULT_FILES, *PIPELINE_PARTS):
+        for name in RESULT_FILES:  # present only where --overwrite_output_dir let this run start
             if (output_dir / name).is_dir() and not (output_dir / name).is_symlink():
                 shutil.rmtree(output_dir / name)
             else:

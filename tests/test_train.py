@@ -433,7 +433,8 @@ def test_a_fresh_run_does_not_silently_replace_an_earlier_run(tiny_sd, tmp_path)
     grids = ("--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_inference_steps", "1")
     _run(tiny_sd, out, "--checkpointing_steps", "100", *grids)
     assert [r["step"] for r in _records(out)] == [1, 2] and (out / "validation" / "step-000002.png").exists()
-    finished = r"holds the result of an earlier run \(training_config.json, metrics.jsonl, unet, model_index.json\)"
+    finished = (r"holds the result of an earlier run \(training_config.json, metrics.jsonl, unet, model_index.json, "
+                r"vae, text_encoder, tokenizer, scheduler\)")
     for latest in ((), ("--resume_from_checkpoint", "latest")):  # latest finds no checkpoint: a fresh run too
         with pytest.raises(SystemExit, match=finished + ": choose another --output_dir, or pass "
                                                         "--overwrite_output_dir"):
