@@ -1022,11 +1022,8 @@ def test_lora_compatible_layers_are_patched_only_without_a_lora_layer():
 
 
 def test_float8_weights_are_refused_before_any_layer_is_replaced():
-    float8 = getattr(torch, "float8_e4m3fn", None)
-    if float8 is None:
-        pytest.skip("this torch has no float8")
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    model[1].weight = nn.Parameter(model[1].weight.detach().to(float8), requires_grad=False)
+    model[1].weight = nn.Parameter(model[1].weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
     with pytest.raises(ValueError, match="cannot patch 1: its weight is torch.float8_e4m3fn"):
         bd.patch(model, "all-linear")
     assert type(model[0]) is nn.Linear
